@@ -354,6 +354,48 @@ def test_adapter_added_after_fusing_raises_instead_of_being_dropped():
         uninstall(model)
 
 
+def _legacy_case(name):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    maps, tokens, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    maps32 = torch.randn(2, 32, 4, 4)  # SpatialNorm's group norm has 32 groups
+    bias = torch.zeros(2, 1, 7)
+    bias[1, :, 5:] = -10000.0  # padded context, additive as the UNet passes it
+    cases = {
+        # VAE mid-block: feature maps in and out, group norm, residual, output rescale
+        "vae_mid": (Attention(16, heads=1, dim_head=16, norm_num_groups=4, residual_connection=True,
+                              rescale_output_factor=2.0, bias=True), dict(hidden_states=maps)),
+        # MoVQ-style decoder attention: spatial norm conditioned on a latent map
+        "spatial_norm": (Attention(32, heads=2, dim_head=8, spatial_norm_dim=3, residual_connection=True),
+                         dict(hidden_states=maps32, temb=torch.randn(2, 3, 2, 2))),
+        "cross_norm_mask": (Attention(16, cross_attention_dim=12, heads=2, dim_head=8,
+                                      cross_attention_norm="layer_norm"),
+                            dict(hidden_states=tokens, encoder_hidden_states=ctx, attention_mask=bias)),
+        # a self-attention module handed a context: q, k, v come from slices of its fused to_qkv
+        "self_module_with_context": (Attention(16, heads=2, dim_head=8),
+                                     dict(hidden_states=tokens, encoder_hidden_states=torch.randn(2, 7, 16))),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("case", ["vae_mid", "spatial_norm", "cross_norm_mask", "self_module_with_context"])
+def test_legacy_attention_paths_the_families_do_not_reach(case):
+    attn, inputs = _legacy_case(case)
+    _randomize(attn)
+    attn.eval()
+    with torch.no_grad():
+        stock = attn(**inputs)
+        for fuse in (False, True):
+            report = install(attn, fuse_qkv=fuse)
+            assert report.processors == {"": "DispatchAttnProcessor"}
+            assert bool(report.fused) == fuse, str(report)
+            routed = attn(**inputs)
+            uninstall(attn)
+            assert routed.shape == stock.shape
+            torch.testing.assert_close(routed, stock, rtol=1e-5, atol=1e-6, msg=f"fuse_qkv={fuse}")
+
+
 # --- other processors, other targets -------------------------------------------------------------------------------
 
 
