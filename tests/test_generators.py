@@ -113,6 +113,26 @@ def test_renoise_differs_from_plain_inversion(folders):
     assert not torch.allclose(gen.invert(x0, cond, 5), gen.invert(x0, cond, 5, renoise_iters=1))
 
 
+@pytest.mark.parametrize("name", ["toy", "sd3"])
+def test_inversion_noise_has_the_forward_transition_std(folders, name):
+    """InPO's inversion_eta: one inversion step with eta adds eta × the forward process's std between the two
+    levels (from x0: √(1 − ᾱ_τ) for DDPM, σ for flows), drawn from the given generator; eta 0 stays deterministic."""
+    gen = load_generator(folders[name])
+    x0 = torch.rand(4, *gen.sample_noise(1, torch.Generator().manual_seed(0)).shape[1:]) * 2 - 1
+    cond = gen.encode(["a red circle"] * 4 if name == "toy" else ["low"] * 4)
+    first = min(gen._grid(5)[0]) if name == "toy" else min(s for s in gen.sigmas(5) if s > 0)
+    plain = gen.invert(x0, cond, 5, until=first)
+    noisy = gen.invert(x0, cond, 5, until=first, eta=0.5, generator=torch.Generator().manual_seed(3))
+    again = gen.invert(x0, cond, 5, until=first, eta=0.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy, again)
+    if name == "toy":
+        expected = 0.5 * float(1 - gen.alphas_cumprod[first]) ** 0.5
+    else:
+        expected = 0.5 * first
+    assert (noisy - plain).std().item() == pytest.approx(expected, rel=0.15)
+    torch.testing.assert_close(gen.invert(x0, cond, 5, until=first, eta=0.0), plain)
+
+
 def test_encode_media_inverts_decode(folders):
     toy = load_generator(folders["toy"])
     img = torch.rand(2, 3, 8, 8)

@@ -110,16 +110,30 @@ class DPOConfig(MethodConfig):
     beta: float = 5000.0
 
 
+@dataclass
+class RewardSource:
+    """The reward a method scores with itself (SmPO's p, PRDP's online rewards): any registered name."""
+
+    reward: str = "shapes-oracle"
+    reward_checkpoint: str | None = None
+
+
+@dataclass
+class InversionSettings:
+    """How InPO-style methods invert an image to its noisy latent (grid size; noise after each step as a fraction
+    of the forward transition's std — InPO's official code uses 0.1, SmPO's ReNoise inversion none)."""
+
+    inversion_steps: int = 10
+    inversion_eta: float = 0.0
+
+
 @MethodConfig.register("smpo")
 @dataclass
-class SmPOConfig(MethodConfig):
+class SmPOConfig(RewardSource, InversionSettings, MethodConfig):
     #: β on the mean-error scale (trainers.md §3: 2000 for SD1.5, 5000 for SDXL)
     beta: float = 2000.0
     #: γ of the smoothed preference; the logit is scaled by γ(2p − 1) (hard-coded 10 in the paper's code)
     gamma: float = 10.0
-    #: the reward whose scores give p; any registered name
-    reward: str = "shapes-oracle"
-    reward_checkpoint: str | None = None
     #: global min/max of the reward's scores used to normalise them (PickScore raw cosine on Pick-a-Pic v2:
     #: 0.11543526500463486 / 0.28201571106910706; the toy oracle lives in [0, 1])
     score_min: float = 0.0
@@ -131,11 +145,12 @@ class SmPOConfig(MethodConfig):
 
 @MethodConfig.register("inpo")
 @dataclass
-class InPOConfig(MethodConfig):
+class InPOConfig(InversionSettings, MethodConfig):
     #: β on the mean-error scale (trainers.md §2: 2000 for SD1.5, 5000 for SDXL)
     beta: float = 2000.0
-    #: DDIM inversion grid size (the paper's 10: SD grid 1, 101, …, 901)
+    #: the paper's grid of 10 (SD: 1, 101, …, 901) and the official code's inversion noise 0.1
     inversion_steps: int = 10
+    inversion_eta: float = 0.1
 
 
 @MethodConfig.register("rankdpo")
@@ -159,9 +174,7 @@ class SelfNPOConfig(MethodConfig):
 
 @MethodConfig.register("prdp")
 @dataclass
-class PRDPConfig(MethodConfig):
-    reward: str = "shapes-oracle"
-    reward_checkpoint: str | None = None
+class PRDPConfig(RewardSource, MethodConfig):
     #: KL weight: the regression target is (r_a − r_b)/β. Log-probs are per-dimension means (the sampler's
     #: DDPO/flow_grpo convention), so β is on that scale, not the paper's summed one
     beta: float = 1.0

@@ -36,7 +36,7 @@ def reparametrised_noise(gen: Generator, x0: torch.Tensor, xt: torch.Tensor, t: 
 
 
 def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, inversion_steps: int,
-                         renoise_iters: int = 0):
+                         renoise_iters: int = 0, eta: float = 0.0):
     """Like ``noisy_pair_inputs`` but x̃_t comes from inverting each image with the current model (no grad).
 
     One t per pair. Pairs are grouped by how many inversion grid points lie ≤ t, so each group costs one batched
@@ -59,7 +59,7 @@ def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Gener
         sel = idx.to(x0.device)
         until = grid[level - 1]
         xt[sel] = gen.invert(x0[sel], cond.select(sel), inversion_steps, until=until,
-                             renoise_iters=renoise_iters).to(xt.dtype)
+                             renoise_iters=renoise_iters, eta=eta, generator=rng).to(xt.dtype)
         # x̃ lies at the grid point, not at the sampled t (up to one grid spacing above it): the model must be
         # told that timestep, or ε̃ carries a spurious x0 component and the input is less noisy than claimed.
         t2[sel] = torch.as_tensor(until, dtype=t2.dtype, device=t2.device)
@@ -88,9 +88,10 @@ class InPO:
     def __init__(self, cfg: InPOConfig):
         self.beta = cfg.beta
         self.inversion_steps = cfg.inversion_steps
+        self.eta = cfg.inversion_eta
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
-        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, self.inversion_steps)
+        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, self.inversion_steps, eta=self.eta)
         errs = pair_errors(gen, reference, xt, t, cond, target)
         out = inpo_loss(*errs, self.beta)
         metrics = pair_metrics(out, *errs)

@@ -46,7 +46,8 @@ class SmPO:
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         p = self.preference(batch, gen.device)
         xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, self.cfg.inversion_steps,
-                                                             renoise_iters=self.cfg.renoise_iters)
+                                                             renoise_iters=self.cfg.renoise_iters,
+                                                             eta=self.cfg.inversion_eta)
         errs = pair_errors(gen, reference, xt, t, cond, target)
         out = smpo_loss(*errs, p, self.cfg.beta, self.cfg.gamma)
         metrics = pair_metrics(out, *errs)

@@ -173,9 +173,11 @@ class Generator(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
-               renoise_iters: int = 0) -> torch.Tensor:
-        """Deterministic inversion of x0 towards noise (DDIM inversion; ReNoise refinement when
-        ``renoise_iters`` > 0). ``until`` stops at that timestep instead of at pure noise."""
+               renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inversion of x0 towards noise (DDIM inversion; ReNoise refinement when ``renoise_iters`` > 0).
+        ``until`` stops at that timestep instead of at pure noise. Deterministic unless ``eta`` > 0, which adds
+        eta × the forward process's own noise between consecutive grid levels after each step (InPO's optional
+        ``inversion_eta``), drawn from ``generator``."""
 
     # --- media ------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -114,8 +114,10 @@ class FlowGenerator(Generator):
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
-               renoise_iters: int = 0) -> torch.Tensor:
-        """Run the probability-flow ODE backwards (σ ascending) from x0; ReNoise averaging when asked."""
+               renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the probability-flow ODE backwards (σ ascending) from x0; ReNoise averaging when asked. ``eta`` > 0
+        adds eta × the std of the forward transition x_σ → x_σ' = (1−σ')/(1−σ)·x_σ + s·ε, where
+        s² = σ'² − (σ(1−σ')/(1−σ))², after each step."""
         sig = self.sigmas(steps)[::-1]  # 0 … 1
         z = x0
         for s_from, s_to in zip(sig[:-1], sig[1:]):
@@ -127,6 +129,10 @@ class FlowGenerator(Generator):
             for _ in range(renoise_iters):
                 vs.append(self.predict(new, t, cond))
                 new = z + (s_to - s_from) * torch.stack(vs).mean(0)
+            if eta > 0:
+                carried = s_from * (1 - s_to) / max(1 - s_from, 1e-12)
+                std = eta * max(s_to ** 2 - carried ** 2, 0.0) ** 0.5
+                new = new + std * torch.randn(new.shape, generator=generator).to(new.device, new.dtype)
             z = new
         return z
 

@@ -138,10 +138,11 @@ class UNetGenerator(Generator):
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
-               renoise_iters: int = 0) -> torch.Tensor:
+               renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """DDIM inversion on the DDIM grid ascending (no guidance). At each grid point τ the step from the
         previous level uses ε̂(z, τ); ``renoise_iters`` > 0 re-evaluates ε̂ at the proposed point and averages
-        (ReNoise, as SmPO does). ``until`` stops after the last grid point ≤ until."""
+        (ReNoise, as SmPO does). ``until`` stops after the last grid point ≤ until. ``eta`` > 0 then adds
+        eta·√(1 − ᾱ_τ/ᾱ_prev)·N(0, I), the DDPM transition's own std between the two levels."""
         ts, alphas, _ = self._grid(steps)
         ts, alphas = ts[::-1], alphas[::-1]
         z, a_from = x0, torch.tensor(1.0, device=x0.device, dtype=x0.dtype)
@@ -155,6 +156,9 @@ class UNetGenerator(Generator):
             for _ in range(renoise_iters):
                 eps_list.append(self._split(new, a_to, self.predict(new, t, cond))[1])
                 new = self._invert_step(z, torch.stack(eps_list).mean(0), a_from, a_to)
+            if eta > 0:
+                std = eta * (1 - a_to / a_from).clamp(min=0).sqrt()
+                new = new + std * torch.randn(new.shape, generator=generator).to(new.device, new.dtype)
             z, a_from = new, a_to
         return z
 
