@@ -13,7 +13,12 @@ security rules stay where they are enforced:
     per-judge rate limit, with ``vote_id`` as the idempotency key (all inside ``VoteStore.record_vote``).
 
 The session travels in the ``X-Arena-Session`` header, never a cookie, so another site cannot vote through a
-visitor's browser. Tokens die with the process (the secret is not stored).
+visitor's browser. Tokens die with the process (the secret is not stored). Request bodies are capped at 4 KiB
+(413 beyond, refused before the rest is read).
+
+The routes are a raw ASGI app put in front of Gradio's whole stack on the same server (``apps.asgi``), with no
+FastAPI layer: at 50 back-to-back voters on two cores, the fixed per-request cost of those layers and of a
+thread hop per vote, not the vote itself, set the latency.
 
     POST /api/v1/battle                         -> {battle_id, prompt, left, right, session}
     POST /api/v1/vote  {battle_id, side, vote_id?} -> {vote_id, winner, left_model, right_model, replayed}
@@ -28,6 +33,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -35,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
+from apps.asgi import BodyTooLarge, header_map, json_object, put_in_front, read_body, send_json
 from apps.auth import PasswordCheck, client_ip, judge_of
 from apps.store import SIDES, RateLimited, VoteRejected
 
@@ -42,6 +49,9 @@ PREFIX = "/api/v1"
 SESSION_HEADER = "x-arena-session"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_BODY = 4096
+_MAX_VERIFIED = 10_000
+_UNSET = object()
+_log = logging.getLogger(__name__)
 
 
 class RestAuth:
@@ -49,8 +59,10 @@ class RestAuth:
 
     def __init__(self, server: Any, secret: bytes | None = None):
         self.server = server
-        self._secret = secret or secrets.token_bytes(32)
+        # any length of secret -> a 32-byte BLAKE2 key (its limit is 64)
+        self._secret = hashlib.blake2b(secret or secrets.token_bytes(32), digest_size=32).digest()
         self._passwords = PasswordCheck(server.users) if server.users and not server.open_mode else None
+        self._verified: dict[bytes, str] = {}
 
     def new_session(self) -> str:
         raw = secrets.token_hex(16)
@@ -64,141 +76,186 @@ class RestAuth:
         return "rest-" + raw
 
     def _sign(self, raw: str) -> str:
-        return hmac.new(self._secret, raw.encode(), hashlib.sha256).hexdigest()[:32]
+        # Keyed BLAKE2b is a MAC by design (RFC 7693 §2.5): about 1 µs here against about 4 µs for HMAC-SHA256
+        # through OpenSSL, which showed up in the event loop's profile under load. Tokens die with the process,
+        # so the scheme can change between versions.
+        return hashlib.blake2b(raw.encode(), key=self._secret, digest_size=16).hexdigest()
+
+    def wants_password(self, headers: Any) -> bool:
+        """True when checking this request's credentials may run PBKDF2 (users mode, Basic header, not yet
+        verified): tenths of a second of CPU that the caller should keep off the event loop."""
+        value = str(headers.get("authorization") or "")
+        return (self._passwords is not None and value[:6].lower() == "basic "
+                and hashlib.sha256(value.encode()).digest() not in self._verified)
 
     def username(self, headers: Any) -> str | None:
-        """The user of a valid ``Authorization: Basic`` header (users mode), else None."""
+        """The user of a valid ``Authorization: Basic`` header (users mode), else None. A verified header is
+        remembered by its SHA-256 (never in clear), so later requests skip PBKDF2; failures are not remembered."""
         if self._passwords is None:
             return None
-        scheme, _, value = str(headers.get("authorization") or "").partition(" ")
-        if scheme.lower() != "basic" or not value:
+        value = str(headers.get("authorization") or "")
+        key = hashlib.sha256(value.encode()).digest()
+        known = self._verified.get(key)
+        if known is not None:
+            return known
+        scheme, _, encoded = value.partition(" ")
+        if scheme.lower() != "basic" or not encoded:
             return None
         try:
-            user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        return user if sep and self._passwords(user, password) else None
+        if not sep or not self._passwords(user, password):
+            return None
+        if len(self._verified) < _MAX_VERIFIED:  # only verified credentials get in, and at most this many
+            self._verified[key] = user
+        return user
 
-    def identify(self, headers: Any, client: Any, session: str | None) -> tuple[str, str | None]:
-        """(judge, ip), or PermissionError when the caller is not signed in (users mode) / has no session."""
-        if self._passwords is not None and self.username(headers) is None:
+    def identify(self, headers: Any, client: Any, session: str | None, *, username: Any = _UNSET) \
+            -> tuple[str, str | None]:
+        """(judge, ip), or PermissionError when the caller is not signed in (users mode) / has no session.
+        ``username``: the result of ``self.username(headers)`` when the caller already has it."""
+        if username is _UNSET:
+            username = self.username(headers)
+        if self._passwords is not None and username is None:
             raise PermissionError("sign in to vote: send HTTP Basic credentials of a configured user")
-        request = SimpleNamespace(username=self.username(headers), session_hash=session, headers=headers,
-                                  client=client)
+        request = SimpleNamespace(username=username, session_hash=session, headers=headers, client=client)
         judge = judge_of(request, open_mode=self.server.open_mode,
                          trust_proxy_headers=self.server.trust_proxy_headers)
         return judge, client_ip(request, trust_proxy_headers=self.server.trust_proxy_headers)
 
 
-def mount_rest(app: Any, arena: Any, *, secret: bytes | None = None) -> RestAuth:
-    """Add the ``/api/v1`` routes to a FastAPI ``app`` (the Gradio server's), ahead of Gradio's own routes."""
-    try:
-        from fastapi.responses import FileResponse, JSONResponse
-        from starlette.concurrency import run_in_threadpool
-    except ImportError as exc:
-        raise ImportError("the arena's JSON API needs FastAPI (comes with Gradio): pip install 'diffalign[app]'") \
-            from exc
-    auth = RestAuth(arena.cfg.server, secret)
-    # Votes get one thread of their own: they serialise on SQLite's write lock anyway, and one voting thread
-    # instead of up to forty contending for the GIL cut the queueing tail under load (benchmarks/arena_load.py).
-    # Battles stay on the shared pool, since a live contender may sample a model for seconds per battle.
-    vote_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arena-vote")
+class RestApp:
+    """The ``/api/v1`` routes as one raw ASGI callable (``apps.asgi`` says why not FastAPI).
 
-    async def in_vote_worker(fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(vote_worker, functools.partial(fn, *args, **kwargs))
+    Where each piece of work runs, and why:
+      * parsing, authentication, validation and the vote itself run on the event loop. A vote is one short SQLite
+        transaction (about 0.2 ms of CPU, most of it inside SQLite); handing it to a thread cost more than that in
+        GIL hand-offs and wake-ups, since sqlite3 drops and retakes the GIL around every statement (server CPU
+        per request 0.41–0.63 ms with the store work inline against 0.61–0.80 ms with it on one thread, in
+        alternating saturated runs of ``benchmarks/arena_load.py`` on a busy 2-core machine). While a vote holds
+        the loop nothing else on this server runs, so only bounded, database-only work is done there; a write
+        lock held elsewhere (a battle being stored, another process writing the same file) makes the loop wait.
+      * a battle may sample a live generator for seconds, so battles run on threads of their own: one for
+        gallery arenas (a battle is then a short insert, and one thread keeps GIL contention low), else
+        ``server.concurrency``. A vote never waits behind a battle being generated.
+      * a first-time password check (PBKDF2, a tenth of a second) runs on a small pool of its own.
+    """
 
-    def reply(status: int, body: dict, t0: float) -> Any:
-        ms = (time.perf_counter() - t0) * 1000.0
-        return JSONResponse(body, status_code=status, headers={"Server-Timing": f"app;dur={ms:.3f}",
-                                                               "Cache-Control": "no-store"})
+    def __init__(self, arena: Any, auth: RestAuth):
+        from apps.contenders import GalleryContender
 
-    def error(exc: Exception, t0: float) -> Any:
-        if isinstance(exc, PermissionError):
-            return reply(401, {"error": str(exc)}, t0)
-        if isinstance(exc, RateLimited):
-            return reply(429, {"error": str(exc)}, t0)
-        return reply(403 if isinstance(exc, VoteRejected) else 400, {"error": str(exc)}, t0)
+        self.arena, self.auth = arena, auth
+        live = not all(isinstance(c, GalleryContender) for c in arena.contenders.values())
+        self._battles = ThreadPoolExecutor(max_workers=arena.cfg.server.concurrency if live else 1,
+                                           thread_name_prefix="arena-battle")
+        self._login = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arena-login")
+        self._routes = {f"{PREFIX}/battle": (("POST",), self._battle), f"{PREFIX}/vote": (("POST",), self._vote)}
+        self._media_prefix = f"{PREFIX}/media/"
 
-    async def body_of(request: Any) -> dict:
-        raw = await request.body()
-        if len(raw) > _MAX_BODY:
-            raise ValueError(f"request body too large (at most {_MAX_BODY} bytes)")
-        if not raw:
-            return {}
-        import json
-
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ValueError("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ValueError("request body must be a JSON object")
-        return data
-
-    async def battle(request: Any):
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
-        token = request.headers.get(SESSION_HEADER)
+        path, method = scope["path"], scope["method"]
+        if path.startswith(self._media_prefix):
+            methods, handler = ("GET", "HEAD"), self._media
+        else:
+            methods, handler = self._routes.get(path, ((), None))
+        headers = header_map(scope)
         try:
-            if token is None:
-                token = auth.new_session()
-            session = auth.session_of(token)
-            if session is None:
-                raise PermissionError(f"unknown session: drop the {SESSION_HEADER} header to start a new one")
-            judge, _ip = auth.identify(request.headers, request.client, session)
-            b = await run_in_threadpool(arena.new_battle, judge, session)
-        except (PermissionError, VoteRejected) as exc:
-            return error(exc, t0)
-        return reply(200, {"battle_id": b.battle_id, "prompt": b.prompt, "session": token,
-                           "left": f"{PREFIX}/media/{b.left[1]}", "right": f"{PREFIX}/media/{b.right[1]}"}, t0)
-
-    async def vote(request: Any):
-        t0 = time.perf_counter()
-        try:
-            session = auth.session_of(request.headers.get(SESSION_HEADER))
-            if session is None:
-                raise PermissionError(f"missing or unknown session: send the {SESSION_HEADER} header that "
-                                      "/api/v1/battle returned")
-            judge, ip = auth.identify(request.headers, request.client, session)
-            data = await body_of(request)
-            unknown = sorted(set(data) - {"battle_id", "side", "vote_id"})
-            if unknown:
-                raise ValueError(f"unknown key(s) in vote: {', '.join(unknown)}; expected battle_id, side, vote_id")
-            battle_id, side, vote_id = data.get("battle_id"), data.get("side"), data.get("vote_id")
-            if not isinstance(battle_id, str) or not battle_id:
-                raise ValueError("vote needs 'battle_id' (the id /api/v1/battle returned)")
-            if side not in SIDES:
-                raise ValueError(f"vote 'side' must be one of {', '.join(SIDES)}, got {side!r}")
-            if vote_id is not None and not isinstance(vote_id, str):
-                raise ValueError("vote 'vote_id' must be a string")
-            result = await in_vote_worker(arena.vote, battle_id, judge, side, session_hash=session, ip=ip,
-                                             vote_id=vote_id)
-        except (PermissionError, VoteRejected, ValueError) as exc:
-            return error(exc, t0)
-        return reply(200, result, t0)
-
-    async def media(sha: str, request: Any):
-        t0 = time.perf_counter()
-        try:
-            auth.identify(request.headers, request.client, auth.session_of(request.headers.get(SESSION_HEADER)))
+            if handler is None:
+                status, body = 404, {"error": f"no such endpoint: {path}"}
+            elif method not in methods:
+                status, body = 405, {"error": f"use {' or '.join(methods)} for {path}"}
+            else:
+                out = await handler(scope, receive, send, headers)
+                if out is None:  # the handler sent the response itself (media)
+                    return
+                status, body = out
         except PermissionError as exc:
-            return error(exc, t0)
+            status, body = 401, {"error": str(exc)}
+        except RateLimited as exc:
+            status, body = 429, {"error": str(exc)}
+        except VoteRejected as exc:
+            status, body = 403, {"error": str(exc)}
+        except BodyTooLarge as exc:
+            status, body = 413, {"error": str(exc)}
+        except ValueError as exc:
+            status, body = 400, {"error": str(exc)}
+        except ConnectionResetError:
+            return
+        except Exception:  # a bug or a broken database: log it, tell the client to retry (vote_id is idempotent)
+            _log.exception("arena JSON API: %s %s failed", method, path)
+            status, body = 500, {"error": "internal error; retry with the same vote_id"}
+        extra = [(b"server-timing", f"app;dur={(time.perf_counter() - t0) * 1000.0:.3f}".encode())]
+        if status == 405:
+            extra.append((b"allow", ", ".join(methods).encode()))
+        await send_json(send, status, body, extra)
+
+    async def _identify(self, scope: dict, headers: dict, session: str | None) -> tuple[str, str | None]:
+        """``RestAuth.identify``, with a first-time password check (PBKDF2) moved off the event loop."""
+        client = scope.get("client")
+        client = SimpleNamespace(host=client[0], port=client[1]) if client else None
+        if self.auth.wants_password(headers):
+            user = await self._run(self._login, self.auth.username, headers)
+            return self.auth.identify(headers, client, session, username=user)
+        return self.auth.identify(headers, client, session)
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def _battle(self, scope: dict, receive: Any, send: Any, headers: dict) -> tuple[int, dict]:
+        await read_body(receive, headers, _MAX_BODY)  # ignored, but bounded
+        token = headers.get(SESSION_HEADER)
+        if token is None:
+            token = self.auth.new_session()
+        session = self.auth.session_of(token)
+        if session is None:
+            raise PermissionError(f"unknown session: drop the {SESSION_HEADER} header to start a new one")
+        judge, _ip = await self._identify(scope, headers, session)
+        b = await self._run(self._battles, self.arena.new_battle, judge, session)
+        return 200, {"battle_id": b.battle_id, "prompt": b.prompt, "session": token,
+                     "left": f"{PREFIX}/media/{b.left[1]}", "right": f"{PREFIX}/media/{b.right[1]}"}
+
+    async def _vote(self, scope: dict, receive: Any, send: Any, headers: dict) -> tuple[int, dict]:
+        session = self.auth.session_of(headers.get(SESSION_HEADER))
+        if session is None:
+            raise PermissionError(f"missing or unknown session: send the {SESSION_HEADER} header that "
+                                  "/api/v1/battle returned")
+        judge, ip = await self._identify(scope, headers, session)
+        data = json_object(await read_body(receive, headers, _MAX_BODY))
+        unknown = sorted(set(data) - {"battle_id", "side", "vote_id"})
+        if unknown:
+            raise ValueError(f"unknown key(s) in vote: {', '.join(unknown)}; expected battle_id, side, vote_id")
+        battle_id, side, vote_id = data.get("battle_id"), data.get("side"), data.get("vote_id")
+        if not isinstance(battle_id, str) or not battle_id:
+            raise ValueError("vote needs 'battle_id' (the id /api/v1/battle returned)")
+        if side not in SIDES:
+            raise ValueError(f"vote 'side' must be one of {', '.join(SIDES)}, got {side!r}")
+        if vote_id is not None and not isinstance(vote_id, str):
+            raise ValueError("vote 'vote_id' must be a string")
+        return 200, self.arena.vote(battle_id, judge, side, session_hash=session, ip=ip, vote_id=vote_id)
+
+    async def _media(self, scope: dict, receive: Any, send: Any, headers: dict) -> tuple[int, dict] | None:
+        await self._identify(scope, headers, self.auth.session_of(headers.get(SESSION_HEADER)))
+        sha = scope["path"][len(self._media_prefix):]
         if not _SHA.match(sha):
-            return reply(404, {"error": "no such media"}, t0)
+            return 404, {"error": "no such media"}
         try:
-            path = arena.store.media_path(sha)  # from the database, never from the request
+            path = self.arena.store.media_path(sha)  # from the database (a read: WAL never blocks it), not the URL
         except KeyError:
-            return reply(404, {"error": "no such media"}, t0)
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+            return 404, {"error": "no such media"}
+        try:
+            from starlette.responses import FileResponse
+        except ImportError as exc:
+            raise ImportError("the arena's JSON API serves media with Starlette (comes with Gradio): "
+                              "pip install 'diffalign[app]'") from exc
+        await FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})(scope, receive, send)
+        return None
 
-    from fastapi import Request
 
-    battle.__annotations__["request"] = vote.__annotations__["request"] = Request
-    media.__annotations__["request"] = Request
-    before = len(app.router.routes)
-    app.add_api_route(f"{PREFIX}/battle", battle, methods=["POST"])
-    app.add_api_route(f"{PREFIX}/vote", vote, methods=["POST"])
-    app.add_api_route(f"{PREFIX}/media/{{sha}}", media, methods=["GET"])
-    added = app.router.routes[before:]
-    del app.router.routes[before:]
-    app.router.routes[:0] = added  # first, so no catch-all route of Gradio's can shadow them
+def mount_rest(app: Any, arena: Any, *, secret: bytes | None = None) -> RestAuth:
+    """Serve the ``/api/v1`` routes from the Gradio server ``app`` (its FastAPI app, running), ahead of every
+    Gradio layer; the rest of the site is untouched."""
+    auth = RestAuth(arena.cfg.server, secret)
+    put_in_front(app, PREFIX, RestApp(arena, auth))
     return auth

@@ -89,7 +89,9 @@ def launch(demo: Any, server: ServerConfig, *, allowed_paths: Sequence[str | Pat
            port: int | None = None, on_app: Callable[[Any], None] | None = None) -> Any:
     """Queue and launch on ``server.host`` (loopback unless the config says otherwise) with login when users are
     configured. ``block=False`` returns at once (tests); the caller then ``demo.close()``s. ``on_app(app)`` gets
-    the FastAPI server before this blocks (to mount extra routes such as ``apps.rest``)."""
+    the running FastAPI server app before this blocks (``apps.rest`` puts its raw-ASGI routes in front of it).
+    Uvicorn uses httptools and uvloop by itself when they are installed (the [app] extra lists them) instead of
+    h11 and the standard asyncio loop: its fast path, and the one ``benchmarks/arena_load.py`` measures."""
     _warn_if_exposed(server)
     login = bool(server.users) and not server.open_mode  # open mode: nobody logs in, so nobody is an admin
     demo.queue(default_concurrency_limit=server.concurrency, max_size=1024)

@@ -58,6 +58,11 @@ def test_full_battle_and_vote_over_rest(users_app):
         assert stored.issued_to == "user:ann" and stored.session_hash.startswith("rest-")
         left = c.get(b["left"], headers={SESSION_HEADER: b["session"]})
         assert left.status_code == 200 and left.content == arena.store.media_bytes(stored.left[1])
+        head = c.head(b["left"], headers={SESSION_HEADER: b["session"]})
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == len(left.content)
+        assert c.get(f"/api/v1/media/{'0' * 64}", headers={SESSION_HEADER: b["session"]}).status_code == 404
+        assert c.get("/api/v1/media/..%2f..%2fetc%2fpasswd", headers={SESSION_HEADER: b["session"]}).status_code == 404
         r = c.post("/api/v1/vote", json={"battle_id": b["battle_id"], "side": "left"},
                    headers={SESSION_HEADER: b["session"]})
         assert r.status_code == 200, r.text
@@ -164,3 +169,118 @@ def test_session_tokens_are_signed_per_server():
     token = a.new_session()
     assert a.session_of(token) == "rest-" + token.split(".")[0]
     assert b.session_of(token) is None and a.session_of(token + "0") is None and a.session_of(None) is None
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(open_app):
+    url, arena, cfg = open_app
+    with _as(url) as c:
+        b = _battle(c)
+        h = {SESSION_HEADER: b["session"], "content-type": "application/json"}
+        before = db_snapshot(cfg.db)
+        big = b'{"battle_id": "' + b"x" * 5000 + b'", "side": "left"}'
+        declared = c.post("/api/v1/vote", content=big, headers=h)
+        assert declared.status_code == 413 and "too large" in declared.json()["error"]
+
+        def chunks():  # no Content-Length: the limit must hold while the chunks arrive
+            for _ in range(10):
+                yield b" " * 1000
+
+        streamed = c.post("/api/v1/vote", content=chunks(), headers=h)
+        assert streamed.status_code == 413
+        assert db_snapshot(cfg.db) == before
+        ok = c.post("/api/v1/vote", json={"battle_id": b["battle_id"], "side": "left"}, headers=h)
+        assert ok.status_code == 200, ok.text  # the server is still serving
+
+
+def test_unknown_routes_and_methods_answer_json_and_gradio_still_serves(open_app):
+    url, arena, cfg = open_app
+    with _as(url) as c:
+        missing = c.post("/api/v1/nope")
+        assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]
+        wrong = c.get("/api/v1/vote")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        page = c.get("/")  # everything outside /api/v1 is still Gradio's
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_concurrent_votes_and_retries_are_stored_exactly_once(open_app):
+    import asyncio
+
+    url, arena, cfg = open_app
+
+    async def voter(client, k):
+        b = (await client.post("/api/v1/battle")).json()
+        h = {SESSION_HEADER: b["session"]}
+        body = {"battle_id": b["battle_id"], "side": "right", "vote_id": f"conc-{k}"}
+        first, retry = await asyncio.gather(client.post("/api/v1/vote", json=body, headers=h),
+                                            client.post("/api/v1/vote", json=body, headers=h))
+        return first.json(), retry.json(), first.status_code, retry.status_code
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await asyncio.gather(*(voter(client, k) for k in range(12)))
+
+    results = asyncio.run(main())
+    assert all(s1 == s2 == 200 for _, _, s1, s2 in results), results
+    assert all(sorted([a["replayed"], b["replayed"]]) == [False, True] for a, b, _, _ in results)
+    rows = arena.store.read("SELECT vote_id FROM votes WHERE vote_id LIKE 'conc-%'")
+    assert sorted(r[0] for r in rows) == sorted(f"conc-{k}" for k in range(12))
+
+
+def test_a_failing_store_gives_500_and_the_server_keeps_serving(open_app, monkeypatch):
+    url, arena, cfg = open_app
+    with _as(url) as c:
+        b = _battle(c)
+        h = {SESSION_HEADER: b["session"]}
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk on fire")
+
+        monkeypatch.setattr(arena, "vote", broken)
+        r = c.post("/api/v1/vote", json={"battle_id": b["battle_id"], "side": "left", "vote_id": "fire-1"}, headers=h)
+        assert r.status_code == 500 and "retry" in r.json()["error"] and "fire" not in r.text
+        monkeypatch.undo()
+        again = c.post("/api/v1/vote", json={"battle_id": b["battle_id"], "side": "left", "vote_id": "fire-1"},
+                       headers=h)
+        assert again.status_code == 200 and again.json()["replayed"] is False
+
+
+def test_verified_passwords_are_remembered_and_failures_are_not():
+    import base64
+
+    server = ServerConfig(open_mode=False, users=users())
+    auth = RestAuth(server)
+
+    def basic(user, password):
+        return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    assert auth.wants_password(basic("ann", "wrong")) and auth.username(basic("ann", "wrong")) is None
+    assert auth.wants_password(basic("ann", "wrong"))  # a failure is checked again in full next time
+    good = basic("ann", PASSWORDS["ann"])
+    assert auth.wants_password(good) and auth.username(good) == "ann"
+    assert not auth.wants_password(good) and auth.username(good) == "ann"
+    assert auth.username(basic("bob", PASSWORDS["ann"])) is None
+    assert PASSWORDS["ann"] not in repr(auth._verified)
+
+
+def test_prefix_router_sends_only_its_prefix_to_the_lean_app():
+    import asyncio
+
+    from apps.asgi import PrefixRouter
+
+    seen = []
+
+    def app(name):
+        async def handle(scope, receive, send):
+            seen.append((name, scope["type"], scope.get("path")))
+
+        return handle
+
+    router = PrefixRouter("/api/v1", app("lean"), app("gradio"))
+    for scope in ({"type": "http", "path": "/api/v1/vote"}, {"type": "http", "path": "/api/v1"},
+                  {"type": "http", "path": "/api/v10/vote"}, {"type": "http", "path": "/"},
+                  {"type": "websocket", "path": "/api/v1/vote"}, {"type": "lifespan"}):
+        asyncio.run(router(scope, None, None))
+    assert [s[0] for s in seen] == ["lean", "lean", "gradio", "gradio", "gradio", "gradio"]
+    with pytest.raises(ValueError, match="prefix"):
+        PrefixRouter("api/", app("x"), app("y"))
