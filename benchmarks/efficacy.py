@@ -9,7 +9,9 @@ oracle's gradient, and NPO guidance with the Self-NPO adapter as the negative br
 
 Writes benchmarks/results/efficacy.md (the table + a closing note) and benchmarks/results/efficacy/<method>.png
 (per held-out prompt: a base row, then a tuned/guided row, same seeds). A method whose base is not shipped
-(the flow methods need toy:shapes-flow) gets a "skipped" row saying which base is missing.
+(the flow methods need toy:shapes-flow, the video row toy:shapes-video) gets a "skipped" row saying which base is
+missing. The video row scores clips with shapes-video-oracle (per-frame picture × steady motion) and draws each
+clip in its grid as a filmstrip.
 
     python benchmarks/efficacy.py                           # the full budget (CPU: tens of minutes)
     python benchmarks/efficacy.py --steps 2 --seeds 2 --methods dpo smpo     # a quick check that it runs
@@ -40,6 +42,8 @@ RECIPES = {
     "prdp": ("prdp.yaml", "PRDP (online)"),
     "flow_dpo": ("flow_dpo.yaml", "Flow-DPO"),
     "flow_rwr": ("flow_rwr.yaml", "Flow-RWR"),
+    # the video base (toy:shapes-video): pairs, evaluation and this row's rewards come from shapes-video-oracle
+    "flow_dpo_video": ("flow_dpo_video.yaml", "Flow-DPO (video base, video oracle)"),
 }
 GUIDANCE = {"nrg-unet": ("toy:shapes-unet", "Reward guidance (NRG form, UNet base)"),
             "nrg-flow": ("toy:shapes-flow", "Flow-NRG (flow base)")}

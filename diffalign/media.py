@@ -100,6 +100,24 @@ def as_image_batch(media: Any, *, reward_name: str = "reward") -> torch.Tensor |
     return items
 
 
+def filmstrip(frames: torch.Tensor) -> torch.Tensor:
+    """Clips [..., F, C, H, W] -> images [..., C, H, F·W], frames left to right: the form in which a video fits
+    where only images go (PNG cells of preference parquet, image grids), losslessly up to 8-bit encoding."""
+    if frames.dim() < 4:
+        raise MediaError(f"filmstrip takes frames [..., F, C, H, W]; got shape {tuple(frames.shape)}")
+    *lead, f, c, h, w = frames.shape
+    return frames.movedim(-4, -2).reshape(*lead, c, h, f * w)
+
+
+def unfilmstrip(strip: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The inverse of ``filmstrip``: images [..., C, H, F·W] -> clips [..., F, C, H, W]."""
+    if strip.dim() < 3 or num_frames < 1 or strip.shape[-1] % num_frames:
+        raise MediaError(f"a filmstrip of {num_frames} frames needs a width divisible by {num_frames}; got shape "
+                         f"{tuple(strip.shape)}")
+    *lead, c, h, fw = strip.shape
+    return strip.reshape(*lead, c, h, num_frames, fw // num_frames).movedim(-2, -4)
+
+
 def make_grid(rows: Sequence[torch.Tensor], pad: int = 2, scale: int = 1) -> Image.Image:
     """Rows of image batches ([N, 3, H, W] each, same N, H, W) -> one PIL grid, row by row."""
     if not rows:

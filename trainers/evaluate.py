@@ -15,6 +15,7 @@ import torch
 from diffalign.eval import (EvalReport, evaluate_against_base, format_table, sample_grid, seeded_noise, write_grid,
                             write_report)
 from diffalign.generators.base import Generator
+from diffalign.media import filmstrip
 from diffalign.sampling import read_prompts
 from trainers.config import EvalConfig
 
@@ -51,6 +52,8 @@ def evaluate_generator(gen: Generator, cfg: EvalConfig, out_dir: Path, *, base: 
     write_report(reports, out_dir, meta={"reward": cfg.reward, "seeds": cfg.seeds, "steps": cfg.steps,
                                          "guidance": cfg.guidance, "seconds": round(time.time() - t0, 1)})
     for split, prompts, b, t in grids:
+        if b.dim() == 6:  # videos [P, S, F, 3, H, W]: each sample drawn as its frames left to right
+            b, t = filmstrip(b), filmstrip(t)
         name = "grid.png" if split == "held-out" else f"grid_{split}.png"
         write_grid(prompts, b, t, out_dir / name, per_prompt=cfg.grid_seeds)
     print(format_table(reports))

@@ -24,7 +24,7 @@ class FlowDPO:
         self.caption_dropout = caption_dropout
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
-        if gen.family != "flow":
+        if gen.prediction_type != "flow":  # FlowGenerator and its subclasses (Wan video, Flux): velocity target
             raise ValueError(f"flow_dpo trains flow-matching generators, but {type(gen).__name__} is the "
                              f"{gen.family!r} family; use method 'dpo' for it")
         xt, t, cond, target = noisy_pair_inputs(gen, batch, rng, self.caption_dropout)

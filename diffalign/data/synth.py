@@ -16,6 +16,7 @@ from typing import Any, Protocol, Sequence, Union
 import torch
 
 from diffalign.data.preference import PreferencePair, RankedList
+from diffalign.media import filmstrip
 
 
 class Sampler(Protocol):
@@ -47,6 +48,8 @@ def synthesize(generator: Sampler, reward: RewardSpec, prompts: Sequence[str], k
     (``"all"``) whose score gap exceeds ``min_margin``; equal scores never make a pair. ``mode="ranked"`` keeps
     all k, best first. The result depends only on (``seed``, ``batch_size``, inputs). With ``out`` the result is
     also written: a ``.parquet`` path gets Pick-a-Pic parquet (pairs only), anything else a JSONL folder.
+    Videos [F, 3, H, W] are kept as filmstrips [3, H, F·W] (``diffalign.media.filmstrip``), so the same files
+    hold them; video generators' ``encode_media`` reads filmstrips back.
     """
     prompts = _check_args(prompts, k, mode, pair_strategy, min_margin, steps, batch_size, out)
     terms = _reward_terms(reward)
@@ -168,11 +171,12 @@ def _sample_and_score(generator: Sampler, scorers: list[Scorer], prompts: list[s
             g = torch.Generator(device=gen_device).manual_seed(batch_seed)
             output = generator.sample(chunk, steps, guidance, generator=g)
             media = getattr(output, "media", output)
-            if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != len(chunk) \
-                    or media.shape[1] != 3:
+            video = isinstance(media, torch.Tensor) and media.dim() == 5 and media.shape[2] == 3
+            if not isinstance(media, torch.Tensor) or media.shape[0] != len(chunk) \
+                    or not (video or media.dim() == 4 and media.shape[1] == 3):
                 shape = tuple(media.shape) if isinstance(media, torch.Tensor) else type(media).__name__
                 raise ValueError(f"generator.sample returned media {shape} for {len(chunk)} prompts; expected "
-                                 f"images [{len(chunk)}, 3, H, W] in [0, 1]")
+                                 f"images [{len(chunk)}, 3, H, W] or videos [{len(chunk)}, F, 3, H, W] in [0, 1]")
             for r, scorer in enumerate(scorers):
                 device = _device_of(scorer)
                 s = scorer.score(media if device is None else media.to(device), chunk)
@@ -181,7 +185,8 @@ def _sample_and_score(generator: Sampler, scorers: list[Scorer], prompts: list[s
                     raise ValueError(f"reward {getattr(scorer, 'name', r)!r} returned {s.tolist()[:8]} for "
                                      f"{len(chunk)} images; expected {len(chunk)} finite scores")
                 raw[r, start:start + len(chunk)] = s
-            images.extend(x.clone() for x in media.detach().to("cpu", torch.float32).clamp(0, 1))
+            kept = filmstrip(media) if video else media  # a clip is stored as one image [3, H, F·W]
+            images.extend(x.clone() for x in kept.detach().to("cpu", torch.float32).clamp(0, 1))
             bar.update(len(chunk))
     finally:
         bar.close()
