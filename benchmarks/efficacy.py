@@ -1,28 +1,24 @@
-"""Does each method improve the toy world? Every trainer (and Diffusion-DPO as the baseline) at one budget.
+"""Does each method align its generator? Every trainer under one protocol, in every toy world, in one table.
 
-Each method runs its shipped recipe (configs/<method>.yaml; Diffusion-DPO: configs/quickstart.yaml) with the same
-number of optimizer steps, the same AI-feedback sample budget (K samples per prompt × groups, for the methods
-that synthesise data; PRDP samples online and its samples are counted in the table), and the same held-out
-evaluation: the toy-heldout prompts, fixed seeds, the shapes oracle, tuned vs base on identical noise.
-Inference-time methods are compared with plain sampling of their base: Flow-NRG / reward guidance with the
-oracle's gradient, and NPO guidance with the Self-NPO adapter as the negative branch (Self-NPO's own evaluation).
+The protocol (``benchmarks/efficacy_protocol.py``): equal optimizer steps on the same synthesised data, each
+recipe's small ``grid`` searched on a validation split (training prompts, seeds no synthesised image used), the
+validation-best point alone evaluated on held-out prompts, and reported as a mean reward gain with a bootstrap 95%
+CI over (prompt, seed), a win-rate with a tie band (|Δreward| < 0.01 is a tie), accuracy before → after, drift and
+wall time, with a labelled grid per row (``benchmarks/results/efficacy/<world>-<method>.png``).
 
-Writes benchmarks/results/efficacy.md (the table + a closing note) and benchmarks/results/efficacy/<method>.png
-(per held-out prompt: a base row, then a tuned/guided row, same seeds). A method whose base is not shipped
-(the flow methods need toy:shapes-flow, the video row toy:shapes-video) gets a "skipped" row saying which base is
-missing. The video row scores clips with shapes-video-oracle (per-frame picture × steady motion) and draws each
-clip in its grid as a filmstrip.
+    python benchmarks/efficacy.py                                      # every world and method (CPU: hours)
+    python benchmarks/efficacy.py --worlds shapes --methods dpo smpo   # a subset; other rows are kept
+    python benchmarks/efficacy.py --scale-groups 64 --methods dpo smpo inpo rankdpo   # the ≥ 500-pair rows
+    python benchmarks/efficacy.py --steps 2 --groups 1 --val-seeds 2 --heldout-seeds 2 --methods dpo  # smoke
+    python benchmarks/efficacy.py --table-only                         # rewrite the table from rows.json
 
-    python benchmarks/efficacy.py                           # the full budget (CPU: tens of minutes)
-    python benchmarks/efficacy.py --steps 2 --seeds 2 --methods dpo smpo     # a quick check that it runs
-    python benchmarks/efficacy.py --keep --methods ...      # run in parts; finished rows (same budget) are reused
-    python benchmarks/efficacy.py --table-only --notes findings.md      # rewrite the table from rows.json only
+A killed run resumes where it stopped: data, base samples, each grid point's training (from its last checkpoint)
+and its validation score are cached under ``--workdir`` by world, family and budget.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,51 +29,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RECIPES = {
-    "dpo": ("quickstart.yaml", "Diffusion-DPO (baseline)"),
-    "smpo": ("smpo.yaml", "SmPO"),
-    "inpo": ("inpo.yaml", "InPO"),
-    "rankdpo": ("rankdpo.yaml", "RankDPO"),
-    "self_npo": ("self_npo.yaml", "Self-NPO + NPO guidance"),
-    "prdp": ("prdp.yaml", "PRDP (online)"),
-    "flow_dpo": ("flow_dpo.yaml", "Flow-DPO"),
-    "flow_rwr": ("flow_rwr.yaml", "Flow-RWR"),
-    # the video base (toy:shapes-video): pairs, evaluation and this row's rewards come from shapes-video-oracle
-    "flow_dpo_video": ("flow_dpo_video.yaml", "Flow-DPO (video base, video oracle)"),
-}
-GUIDANCE = {"nrg-unet": ("toy:shapes-unet", "Reward guidance (NRG form, UNet base)"),
-            "nrg-flow": ("toy:shapes-flow", "Flow-NRG (flow base)")}
-GOAL = 0.75
+from benchmarks.efficacy_protocol import (GUIDANCE, METHODS, WORLD_METHODS, WORLDS, Budget, Context,  # noqa: E402
+                                          read_json, run_method, split_plan, world_data, write_json)
+
+GOAL_WIN = 0.75
+GOAL_GAIN_FRACTION = 0.5
+#: the papers' orderings the table checks: (method, the method it should match or beat, strictly?)
+CLAIMS = [("smpo", "dpo", False), ("inpo", "dpo", False), ("rankdpo", "dpo", False), ("prdp", "dpo", False),
+          ("flow_dpo", "flow_rwr", True)]
 
 
 def parse_args(argv=None):
+    every = list(METHODS) + list(GUIDANCE)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(RECIPES) + list(GUIDANCE),
-                   help=f"subset of {', '.join(list(RECIPES) + list(GUIDANCE))}")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per method (same for all)")
-    p.add_argument("--samples-per-prompt", type=int, default=8, help="AI-feedback samples per prompt (K)")
-    p.add_argument("--groups", type=int, default=8, help="independent groups of K per training prompt")
-    p.add_argument("--seeds", type=int, default=32, help="held-out evaluation seeds per prompt")
+    p.add_argument("--worlds", nargs="+", default=list(WORLDS), help=f"subset of {', '.join(WORLDS)}")
+    p.add_argument("--methods", nargs="+", default=every, help=f"subset of {', '.join(every)}")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per method and grid point")
+    p.add_argument("--samples-per-prompt", type=int, default=8, help="K images per (training prompt, group)")
+    p.add_argument("--groups", type=int, default=8, help="groups of K per training prompt")
+    p.add_argument("--scale-groups", type=int, default=None,
+                   help="run the data-scale rows instead: this many groups per prompt (64 on shapes: ≥ 500 pairs); "
+                        "each method trains the grid point the main table chose on validation")
+    p.add_argument("--val-seeds", type=int, default=8, help="validation seeds per training prompt")
+    p.add_argument("--heldout-seeds", type=int, default=32, help="held-out seeds per held-out prompt")
     p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--nrg-scale", type=float, default=32.0,
-                   help="reward-guidance scale w (32: best of 0.5–256 on the toy base, 18 held-out samples)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "efficacy"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "efficacy.md"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --workdir first")
-    p.add_argument("--table-only", action="store_true",
-                   help="write the table from the earlier rows and run nothing; a method with no "
-                        "earlier row is listed as not run")
-    p.add_argument("--notes", default=None,
-                   help="a markdown file of findings appended to the closing note (why a method falls short)")
-    p.add_argument("--keep", action="store_true",
-                   help="reuse the finished rows in <workdir>/rows.json (same budget) instead of rerunning those "
-                        "methods, so a long benchmark can be run in parts and still give one table")
+    p.add_argument("--notes", default=None, help="a markdown file of findings appended to the table")
+    p.add_argument("--table-only", action="store_true", help="write the table from rows.json and run nothing")
     return p.parse_args(argv)
 
 
-def base_available(spec: str) -> str | None:
-    """None when the base can be loaded, else why not (one line)."""
+def budget_of(args) -> Budget:
+    return Budget(steps=args.steps, samples_per_prompt=args.samples_per_prompt,
+                  groups=args.scale_groups or args.groups, val_seeds=args.val_seeds,
+                  heldout_seeds=args.heldout_seeds, eval_steps=args.eval_steps)
+
+
+def base_missing(spec: str) -> str | None:
     from diffalign.generators.registry import resolve_model_path
 
     try:
@@ -87,173 +77,196 @@ def base_available(spec: str) -> str | None:
     return None
 
 
-def recipe_overrides(name: str, args, out: Path) -> list[str]:
-    sets = [f"output_dir={out}", f"train.max_train_steps={args.steps}", "train.report_to=none",
-            "train.checkpointing_steps=0", f"eval.seeds={args.seeds}", f"eval.steps={args.eval_steps}",
-            "eval.train_prompts=null", f"eval.grid_seeds={min(8, args.seeds)}"]
-    if name != "prdp":
-        sets += [f"data.synth.samples_per_prompt={args.samples_per_prompt}", f"data.synth.groups={args.groups}"]
-    if name == "rankdpo":  # k images per list: the same images, grouped by prompt
-        sets[-2:] = [f"data.synth.samples_per_prompt={min(4, args.samples_per_prompt)}",
-                     f"data.synth.groups={args.groups * args.samples_per_prompt // min(4, args.samples_per_prompt)}"]
-    return sets
-
-
-def run_method(name: str, args, workdir: Path) -> dict:
-    from diffalign.config import load_yaml
-    from trainers.recipe import run_recipe
-
-    file, label = RECIPES[name]
-    recipe_path = ROOT / "configs" / file
-    row = {"method": name, "label": label}
-    missing = base_available(load_yaml(recipe_path)["model"]["path"])
-    if missing:
-        return {**row, "status": f"skipped: {missing} (no toy base of this family is shipped yet)"}
-    out = workdir / name
-    t0 = time.time()
-    summary = run_recipe(recipe_path, recipe_overrides(name, args, out))
-    row.update(summary["eval"]["held-out"], status="ok", wall_s=time.time() - t0, grid=out / "grid.png",
-               train_s=summary["timings"].get("train_s"), loss=summary["final_metrics"].get("loss"))
-    return row
-
-
-def run_guidance(name: str, args, workdir: Path) -> dict:
+def run_world(world_name: str, methods: list[str], budget: Budget, workdir: Path, grid_dir: Path,
+              section: str, only_points: dict[str, dict] | None = None) -> list[dict]:
     from diffalign.generators.registry import load_generator
     from rewards import load_reward
-    from trainers.config import EvalConfig
-    from trainers.evaluate import evaluate_generator
-    from trainers.guidance import RewardGuidance
 
-    spec, label = GUIDANCE[name]
-    row = {"method": name, "label": label}
-    missing = base_available(spec)
-    if missing:
-        return {**row, "status": f"skipped: {missing} (no toy base of this family is shipped yet)"}
-    out = workdir / name
-    t0 = time.time()
-    gen = load_generator(spec)
-    reward = load_reward("shapes-oracle")
-    cfg = EvalConfig(prompts="toy-heldout", seeds=args.seeds, steps=args.eval_steps, guidance=3.0,
-                     reward="shapes-oracle", grid_seeds=min(8, args.seeds))
-    report = evaluate_generator(RewardGuidance(gen, reward, scale=args.nrg_scale), cfg, out, reward=reward)[0]
-    row.update(win_rate=report.win_rate, reward_base=report.reward_base, reward_tuned=report.reward_tuned,
-               drift=report.drift, status="ok", wall_s=time.time() - t0, grid=out / "grid.png", train_s=0.0)
-    return row
+    world = WORLDS[world_name]
+    plan = split_plan(world, budget)
+    rows, contexts = [], {}
+    reward = load_reward(world.reward)
+    for name in methods:
+        method = METHODS.get(name) or GUIDANCE[name]
+        row = {"world": world_name, "section": section, "method": name, "label": method.label}
+        spec = world.bases.get(method.family)
+        missing = f"no {method.family} base in this world" if spec is None else base_missing(spec)
+        if missing:
+            rows.append({**row, "status": f"skipped: {missing}"})
+            continue
+        if method.family not in contexts:
+            root = workdir / f"{world_name}-{method.family}" / budget.tag()
+            data = world_data(world, method.family, budget, plan, root)
+            print(f"[{world_name}/{method.family}] data: {data.lists} ranked lists of {budget.samples_per_prompt}, "
+                  f"{data.pairs} best-vs-worst pairs ({data.seconds:.0f} s)", flush=True)
+            contexts[method.family] = Context(world, budget, plan, root, data, reward, load_generator(spec),
+                                              log=lambda m: print(m, flush=True), only_points=only_points or {})
+        ctx = contexts[method.family]
+        t0 = time.time()
+        try:
+            result = run_method(method, ctx, grid_dir)
+        except Exception as exc:  # one broken method must not cost the other rows; the table says what failed
+            print(f"[{world_name}/{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({**row, "status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            continue
+        result.update(section=section, data={"pairs": ctx.data.pairs, "lists": ctx.data.lists,
+                                             "images": ctx.data.images, "synth_s": ctx.data.seconds},
+                      budget=budget.tag(), run_s=time.time() - t0)
+        rows.append(result)
+    return rows
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+def _ci(row: dict) -> str:
+    h = row["heldout"]
+    lo, hi = h["gain_ci"]
+    return f"{h['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def verdict(row: dict, dpo: dict | None) -> str:
-    if row["status"] != "ok":
-        return row["status"]
-    notes = [f"{'meets' if row['win_rate'] >= GOAL else 'BELOW'} the {GOAL:.0%} goal"]
-    if row["method"] in ("smpo", "inpo") and dpo and dpo.get("status") == "ok":
-        better = row["win_rate"] > dpo["win_rate"]
-        notes.append(f"{'beats' if better else 'does NOT beat'} Diffusion-DPO ({dpo['win_rate']:.3f})")
+    if row.get("status") != "ok":
+        return row.get("status", "not run")
+    h = row["heldout"]
+    notes = []
+    if dpo is not None and dpo.get("status") == "ok" and row["method"] != "dpo":
+        need = GOAL_GAIN_FRACTION * dpo["heldout"]["gain"]
+        notes.append(f"gain {'≥' if h['gain'] >= need else 'BELOW'} 0.5× DPO's ({need:+.3f})")
+    notes.append("CI above 0" if h["gain_ci"][0] > 0 else "CI NOT above 0")
+    notes.append(f"win-rate {'meets' if h['win_rate'] >= GOAL_WIN else 'BELOW'} {GOAL_WIN:.2f}")
     return "; ".join(notes)
 
 
-def write_table(rows: list[dict], args, path: Path, grids: Path) -> str:
+def _point(point: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "recipe as written"
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| method | chosen on validation (of n points) | held-out reward base → tuned | gain [95% CI] | "
+             "win-rate (W/T/L) | accuracy base → tuned | drift | data / online budget | wall (s) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     dpo = next((r for r in rows if r["method"] == "dpo"), None)
-    lines = [
-        "# Efficacy: every method vs its base in the toy world",
-        "",
-        f"Budget: {args.steps} optimizer steps per method; AI-feedback data: {args.samples_per_prompt} samples × "
-        f"{args.groups} groups per training prompt (RankDPO: the same number of images in lists of 4; PRDP samples "
-        f"online). Held-out evaluation: toy-heldout prompts × {args.seeds} seeds, {args.eval_steps} DDIM/Euler "
-        "steps, CFG 3, shapes oracle; win-rate counts ties as half; drift = mean |tuned − base| pixel difference. "
-        f"Machine: {platform.processor() or platform.machine()}, {args.threads} thread(s).",
-        "",
-        "| method | oracle reward base → tuned | win-rate vs base | drift | wall time (s) | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
     for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['label']} | – | – | – | – | {r['status']} |")
+        if r.get("status") != "ok":
+            lines.append(f"| {r['label']} | – | – | – | – | – | – | – | – | {r.get('status', 'not run')} |")
             continue
-        lines.append(f"| {r['label']} | {r['reward_base']:.3f} → {r['reward_tuned']:.3f} | {r['win_rate']:.3f} | "
-                     f"{r['drift']:.3f} | {r['wall_s']:.0f} | {verdict(r, dpo)} |")
-    ok = [r for r in rows if r["status"] == "ok"]
-    lines += ["", "## Closing note", ""]
-    if ok:
-        best = max(ok, key=lambda r: r["win_rate"])
-        below = [r["label"] for r in ok if r["win_rate"] < GOAL]
-        lines.append(f"Highest win-rate: {best['label']} ({best['win_rate']:.3f})"
-                     + ("" if best["method"] == "prdp" else "; the issue expects PRDP highest — it is not here") + ".")
-        lines.append(f"Below the {GOAL:.0%} goal: {', '.join(below)}." if below else
-                     f"Every evaluated method meets the {GOAL:.0%} goal.")
-    skipped = [r["label"] for r in rows if r["status"] != "ok"]
-    if skipped:
-        lines.append(f"Not run: {', '.join(skipped)} (see the table for why).")
-    if args.steps < 50:
-        lines.append(f"This table comes from a {args.steps}-step smoke budget: it shows the benchmark runs, not what "
-                     "the methods can do. Rerun with the default budget for numbers to compare.")
-    if getattr(args, "notes", None):
+        h = r["heldout"]
+        acc = (f"{h['accuracy_base']:.2f} → {h['accuracy_tuned']:.2f}" if "accuracy_base" in h else "–")
+        if r.get("online"):
+            data = f"online: {r['online']['samples_drawn']} samples, {r['online']['reward_calls']} reward calls"
+        elif r["method"].startswith("nrg"):
+            data = "none (inference time)"
+        else:
+            data = f"{r['data']['pairs']} pairs / {r['data']['lists']} lists of {r['data']['images'] // max(1, r['data']['lists'])}"
+        lines.append(
+            f"| {r['label']} | {_point(r['chosen'])} ({len(r['points'])}) | {h['reward_base']:.3f} → "
+            f"{h['reward_tuned']:.3f} | {_ci(r)} | {h['win_rate']:.3f} ({h['wins']}/{h['ties']}/{h['losses']}) | "
+            f"{acc} | {h['drift']:.3f} | {data} | {r['wall_s']:.0f} | {verdict(r, dpo)} |")
+    return lines
+
+
+def claims_lines(rows: list[dict]) -> list[str]:
+    ok = {r["method"]: r for r in rows if r.get("status") == "ok"}
+    out = []
+    for a, b, strict in CLAIMS:
+        if a not in ok or b not in ok:
+            continue
+        ga, gb = ok[a]["heldout"], ok[b]["heldout"]
+        diff = ga["gain"] - gb["gain"]
+        overlap = ga["gain_ci"][0] <= gb["gain_ci"][1] and gb["gain_ci"][0] <= ga["gain_ci"][1]
+        holds = diff > 0 if strict else diff >= 0
+        out.append(f"- {ok[a]['label']} {'>' if strict else '≥'} {ok[b]['label']}: "
+                   f"{'holds' if holds else 'does NOT hold'} ({ga['gain']:+.3f} vs {gb['gain']:+.3f}"
+                   f"{'; the CIs overlap, so the order is not resolved at this sample size' if overlap else ''}).")
+    return out
+
+
+def write_table(rows: list[dict], args, path: Path) -> str:
+    lines = ["# Efficacy: every method under one protocol", "",
+             "Protocol (`benchmarks/efficacy_protocol.py`): every method trains the same number of optimizer steps "
+             "on the same synthesised data (the base's K samples per training prompt and group, scored by the "
+             "world's oracle: kept as ranked lists for RankDPO, Flow-RWR and Self-NPO, and as best-vs-worst pairs "
+             "with a score gap > 0.05 for the pair methods); online PRDP reports its own samples. Each recipe's "
+             "`grid` (≤ 6 points) is searched on a validation split (training prompts, seeds 1,000,000+ that no "
+             "synthesised image used) and only the validation-best point is sampled on held-out prompts (seeds "
+             "2,000,000+). Gain: held-out mean reward tuned − base with a percentile-bootstrap 95% CI over (prompt, "
+             "seed); win-rate counts |Δreward| < 0.01 as a tie (half a win); drift = mean |tuned − base| pixel "
+             f"difference on identical noise. Goals: gain ≥ {GOAL_GAIN_FRACTION}× Diffusion-DPO's with the CI "
+             f"above 0, and win-rate ≥ {GOAL_WIN}. Machine: {platform.processor() or platform.machine()}, "
+             f"{args.threads} torch thread(s), 2 cores shared with other jobs.", ""]
+    sections = []
+    for r in rows:
+        key = (r["world"], r.get("section", "main"))
+        if key not in sections:
+            sections.append(key)
+    for world, section in sections:
+        sub = [r for r in rows if r["world"] == world and r.get("section", "main") == section]
+        budget = next((r["budget"] for r in sub if r.get("budget")), "–")
+        lines += [f"## {WORLDS[world].label}{'' if section == 'main' else f' — {section}'}", "",
+                  f"Budget `{budget}` (steps, K, groups, min margin, validation seeds, held-out seeds, sampler "
+                  "steps, CFG).", ""]
+        lines += table_lines(sub)
+        claims = claims_lines(sub)
+        if claims:
+            lines += ["", "Papers' claims at this budget:", *claims]
+        grids = [r for r in sub if r.get("status") == "ok"]
+        if grids:
+            lines += ["", "Grid points searched (validation reward of each): " + "; ".join(
+                f"{r['label']}: " + ", ".join(f"{_point(p['point'])} → {p['validation_reward']:.3f}"
+                                              for p in r["points"]) for r in grids) + "."]
+        lines.append("")
+    if args.notes:
         notes = Path(args.notes)
         if not notes.is_file():
             raise SystemExit(f"--notes: no such file {notes}")
-        lines += ["", notes.read_text().strip()]
-    lines += ["", f"Grids: `{grids.relative_to(ROOT) if grids.is_relative_to(ROOT) else grids}/<method>.png`.", ""]
+        lines += [notes.read_text().strip(), ""]
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
     return text
 
 
-def budget_of(args) -> dict:
-    return {"steps": args.steps, "samples_per_prompt": args.samples_per_prompt, "groups": args.groups,
-            "seeds": args.seeds, "eval_steps": args.eval_steps, "nrg_scale": args.nrg_scale}
-
-
-def load_earlier_rows(path: Path, args) -> dict[str, dict]:
-    """Finished rows of an earlier run at the same budget (a row from another budget would not be comparable)."""
-    if not path.is_file():
-        return {}
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"{path}: not valid JSON ({exc}); delete it or run without --keep")
-    return {r["method"]: r for r in rows
-            if r.get("status") == "ok" and r.get("budget") == budget_of(args)}
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """New rows replace old rows of the same (world, section, method); every other old row is kept."""
+    key = lambda r: (r["world"], r.get("section", "main"), r["method"])  # noqa: E731
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + list(fresh.values())
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = sorted(set(args.methods) - set(RECIPES) - set(GUIDANCE))
+    unknown = sorted(set(args.methods) - set(METHODS) - set(GUIDANCE))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(list(RECIPES) + list(GUIDANCE))}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(list(METHODS) + list(GUIDANCE))}")
+    bad_worlds = sorted(set(args.worlds) - set(WORLDS))
+    if bad_worlds:
+        raise SystemExit(f"unknown worlds {bad_worlds}; known: {', '.join(WORLDS)}")
     workdir = Path(args.workdir)
-    if args.fresh:
-        shutil.rmtree(workdir, ignore_errors=True)
-    out = Path(args.out)
-    grids = out.parent / out.stem
-    grids.mkdir(parents=True, exist_ok=True)
-    rows = []
-    earlier = load_earlier_rows(workdir / "rows.json", args) if args.keep or args.table_only else {}
-    for name in args.methods:
-        print(f"=== {name} ===", flush=True)
-        if name in earlier:
-            print(f"reusing the earlier {name} row from {workdir / 'rows.json'}", flush=True)
-            row = earlier[name]
-        elif args.table_only:
-            label = (RECIPES.get(name) or GUIDANCE[name])[1]
-            row = {"method": name, "label": label,
-                   "status": "not run: the benchmark was stopped at its time limit before this method"}
-        else:
-            row = run_guidance(name, args, workdir) if name in GUIDANCE else run_method(name, args, workdir)
-        row["budget"] = budget_of(args)
-        if row.get("grid") is not None and Path(row["grid"]).is_file():
-            shutil.copyfile(row["grid"], grids / f"{name}.png")
-        rows.append(row)
-        (workdir / "rows.json").parent.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "rows.json.tmp"
-        tmp.write_text(json.dumps(rows, indent=1, default=str))
-        os.replace(tmp, workdir / "rows.json")  # a crash mid-write keeps the previous rows
-    print(write_table(rows, args, out, grids))
+    rows_path = workdir / "rows.json"
+    rows = read_json(rows_path) or []
+    if not args.table_only:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        budget = budget_of(args)
+        section = "main" if args.scale_groups is None else f"data scale ({args.scale_groups} groups per prompt)"
+        grid_dir = Path(args.out).parent / Path(args.out).stem
+        for world in args.worlds:
+            methods = [m for m in WORLD_METHODS[world] if m in args.methods]
+            if not methods:
+                continue
+            chosen = {}
+            if args.scale_groups is not None:  # the data-scale rows: the main table's validation choice, more data
+                chosen = {r["method"]: r["chosen"] for r in rows
+                          if r["world"] == world and r.get("section", "main") == "main" and r.get("status") == "ok"}
+            new = run_world(world, methods, budget, workdir, grid_dir, section, chosen)
+            # re-read first: another process may have finished rows of other methods meanwhile
+            rows = merge_rows(read_json(rows_path) or [], new)
+            write_json(rows_path, rows)  # after every world: a crash keeps what finished
+    print(write_table(rows, args, Path(args.out)))
     return 0
 
 

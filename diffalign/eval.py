@@ -1,8 +1,12 @@
-"""Base-vs-tuned evaluation: reward before/after, win-rate (ties count half), drift from the base.
+"""Base-vs-tuned evaluation: reward gain with a bootstrap CI, win-rate with a tie band, drift from the base.
 
 Both models sample from the *same* initial noise per (prompt, seed), so a win is a paired comparison and the
 drift (mean absolute pixel difference) measures how far the tuned model moved from what the base would have
-drawn. The reward is duck-typed (anything with ``score(images, prompts)``): diffalign does not import rewards.
+drawn. Paired noise has a catch: any tiny *consistent* shift of the samples wins more often than not (a 2-step
+run that moved pixels by 0.00025 on average scored a win-rate of 0.667), so a win-rate alone is no evidence.
+Two guards: a difference within ``TIE_BAND`` of reward is a tie, and the headline number is the mean reward gain
+with a percentile-bootstrap 95% confidence interval over the (prompt, seed) units. The reward is duck-typed
+(anything with ``score(images, prompts)``): diffalign does not import rewards.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from diffalign.generators.base import Generator
-from diffalign.media import make_grid
 
 
 class Scorer(Protocol):
@@ -49,11 +52,48 @@ def score_grid(reward: Scorer, images: torch.Tensor, prompts: Sequence[str]) -> 
     return scores.detach().float().cpu().view(p, s)
 
 
-def win_rate(tuned: torch.Tensor, base: torch.Tensor, tol: float = 1e-6) -> float:
-    """P(tuned beats base) over paired samples, ties (|Δ| ≤ tol) counting half."""
-    diff = tuned - base
-    wins = (diff > tol).float().sum() + 0.5 * (diff.abs() <= tol).float().sum()
-    return float(wins / diff.numel())
+#: |Δreward| below this is a tie, not a win: the oracle's scores live in [0, 1] and a shift this small is not a
+#: difference a person would see.
+TIE_BAND = 0.01
+
+
+def outcomes(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> tuple[int, int, int]:
+    """(wins, ties, losses) of tuned over base, paired element by element; |Δ| < ``tie_band`` is a tie."""
+    if tuned.shape != base.shape:
+        raise ValueError(f"paired scores differ in shape: tuned {tuple(tuned.shape)} vs base {tuple(base.shape)}")
+    if tie_band < 0:
+        raise ValueError(f"tie_band must be >= 0, got {tie_band}")
+    diff = (tuned.double() - base.double()).reshape(-1)
+    tie = (diff.abs() < tie_band) | (diff == 0)  # an exact tie is a tie even with a band of 0
+    wins = int(((diff > 0) & ~tie).sum())
+    ties = int(tie.sum())
+    return wins, ties, diff.numel() - wins - ties
+
+
+def win_rate(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> float:
+    """P(tuned beats base) over paired samples, ties (|Δ| < ``tie_band``) counting half."""
+    wins, ties, losses = outcomes(tuned, base, tie_band)
+    n = wins + ties + losses
+    return (wins + 0.5 * ties) / n if n else float("nan")
+
+
+def bootstrap_ci(values: torch.Tensor, *, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean of ``values`` (every element one unit, resampled with
+    replacement; here a unit is one (prompt, seed) pair's reward gain). Seeded, so a report is reproducible."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    x = values.detach().double().reshape(-1).cpu()
+    if x.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not torch.isfinite(x).all():
+        raise ValueError("bootstrap_ci: values contain NaN or inf")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (n_boot, x.numel()), generator=g)
+    means = x[idx].mean(dim=1)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 @dataclass
@@ -76,21 +116,35 @@ class EvalReport:
     win_rate: float
     drift: float
     extra: dict[str, float] = field(default_factory=dict)
+    #: mean reward gain (tuned − base) and its bootstrap 95% CI over (prompt, seed)
+    reward_gain: float = 0.0
+    gain_ci: tuple[float, float] = (0.0, 0.0)
+    #: paired outcomes with the tie band
+    wins: int = 0
+    ties: int = 0
+    losses: int = 0
+    tie_band: float = TIE_BAND
 
     def rows(self) -> list[list[str]]:
         extra_keys = list(self.extra)
-        rows = [["split", "prompt", "reward base", "reward tuned", "win-rate", "drift", *extra_keys]]
+        rows = [["split", "prompt", "reward base", "reward tuned", "gain [95% CI]", "win-rate", "W/T/L", "drift",
+                 *extra_keys]]
         for r in self.prompts:
-            rows.append([self.split, r.prompt, f"{r.reward_base:.3f}", f"{r.reward_tuned:.3f}", f"{r.win_rate:.3f}",
-                         f"{r.drift:.3f}", *[f"{r.extra.get(k, float('nan')):.3f}" for k in extra_keys]])
-        rows.append([self.split, "ALL", f"{self.reward_base:.3f}", f"{self.reward_tuned:.3f}", f"{self.win_rate:.3f}",
-                     f"{self.drift:.3f}", *[f"{self.extra[k]:.3f}" for k in extra_keys]])
+            rows.append([self.split, r.prompt, f"{r.reward_base:.3f}", f"{r.reward_tuned:.3f}",
+                         f"{r.reward_tuned - r.reward_base:+.3f}", f"{r.win_rate:.3f}", "", f"{r.drift:.3f}",
+                         *[f"{r.extra.get(k, float('nan')):.3f}" for k in extra_keys]])
+        lo, hi = self.gain_ci
+        rows.append([self.split, "ALL", f"{self.reward_base:.3f}", f"{self.reward_tuned:.3f}",
+                     f"{self.reward_gain:+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{self.win_rate:.3f}",
+                     f"{self.wins}/{self.ties}/{self.losses}", f"{self.drift:.3f}",
+                     *[f"{self.extra[k]:.3f}" for k in extra_keys]])
         return rows
 
 
 def compare(split: str, prompts: Sequence[str], base_images: torch.Tensor, tuned_images: torch.Tensor,
             base_scores: torch.Tensor, tuned_scores: torch.Tensor,
-            extra: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> EvalReport:
+            extra: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            tie_band: float = TIE_BAND) -> EvalReport:
     """Per-prompt and overall numbers from paired grids ([P, S, …] images, [P, S] scores). ``extra`` maps a
     metric name to (base, tuned) [P, S] values reported as "name base→tuned" columns."""
     extra = extra or {}
@@ -101,13 +155,16 @@ def compare(split: str, prompts: Sequence[str], base_images: torch.Tensor, tuned
         for name, (b, t) in extra.items():
             ex[f"{name} base"], ex[f"{name} tuned"] = float(b[i].mean()), float(t[i].mean())
         results.append(PromptResult(prompt, float(base_scores[i].mean()), float(tuned_scores[i].mean()),
-                                    win_rate(tuned_scores[i], base_scores[i]), float(drift[i].mean()), ex))
+                                    win_rate(tuned_scores[i], base_scores[i], tie_band), float(drift[i].mean()), ex))
     overall_extra = {}
     for name, (b, t) in extra.items():
         overall_extra[f"{name} base"], overall_extra[f"{name} tuned"] = float(b.mean()), float(t.mean())
+    gain = tuned_scores.double() - base_scores.double()
+    wins, ties, losses = outcomes(tuned_scores, base_scores, tie_band)
     return EvalReport(split=split, prompts=results, seeds=base_scores.shape[1], reward_base=float(base_scores.mean()),
-                      reward_tuned=float(tuned_scores.mean()), win_rate=win_rate(tuned_scores, base_scores),
-                      drift=float(drift.mean()), extra=overall_extra)
+                      reward_tuned=float(tuned_scores.mean()), win_rate=win_rate(tuned_scores, base_scores, tie_band),
+                      drift=float(drift.mean()), extra=overall_extra, reward_gain=float(gain.mean()),
+                      gain_ci=bootstrap_ci(gain), wins=wins, ties=ties, losses=losses, tie_band=tie_band)
 
 
 def format_table(reports: Sequence[EvalReport]) -> str:
@@ -128,22 +185,13 @@ def write_report(reports: Sequence[EvalReport], out_dir: Path, meta: dict[str, A
     return path
 
 
-def write_grid(prompts: Sequence[str], base_images: torch.Tensor, tuned_images: torch.Tensor, path: Path,
-               per_prompt: int = 8, scale: int = 4) -> Path:
-    """PNG: for each prompt a base row then a tuned row (same seeds column by column)."""
-    rows = []
-    for i in range(len(prompts)):
-        rows += [base_images[i, :per_prompt], tuned_images[i, :per_prompt]]
-    make_grid(rows, scale=scale).save(path)
-    return path
-
-
 def evaluate_against_base(sample_base: Callable[[Sequence[str], torch.Tensor], torch.Tensor],
                           sample_tuned: Callable[[Sequence[str], torch.Tensor], torch.Tensor],
                           reward: Scorer, prompts: Sequence[str], noise: torch.Tensor, split: str,
-                          accuracy: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None
-                          ) -> tuple[EvalReport, torch.Tensor, torch.Tensor]:
-    """Sample both models from the same noise, score, compare. Returns the report and both image grids."""
+                          accuracy: Callable[[torch.Tensor, Sequence[str]], torch.Tensor] | None = None,
+                          return_scores: bool = False) -> tuple:
+    """Sample both models from the same noise, score, compare. Returns the report and both image grids (and, with
+    ``return_scores``, the (base, tuned) [P, S] scores)."""
     base = sample_base(prompts, noise)
     tuned = sample_tuned(prompts, noise)
     base_scores, tuned_scores = score_grid(reward, base, prompts), score_grid(reward, tuned, prompts)
@@ -153,4 +201,7 @@ def evaluate_against_base(sample_base: Callable[[Sequence[str], torch.Tensor], t
         flat_prompts = [q for q in prompts for _ in range(s)]
         extra = {"accuracy": (accuracy(base.flatten(0, 1), flat_prompts).float().view(len(prompts), s),
                               accuracy(tuned.flatten(0, 1), flat_prompts).float().view(len(prompts), s))}
-    return compare(split, prompts, base, tuned, base_scores, tuned_scores, extra), base, tuned
+    report = compare(split, prompts, base, tuned, base_scores, tuned_scores, extra)
+    if return_scores:
+        return report, base, tuned, (base_scores, tuned_scores)
+    return report, base, tuned

@@ -8,7 +8,7 @@ section is polymorphic: its ``name`` picks the objective and with it the keys th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from diffalign.config import Variant
 
@@ -206,6 +206,10 @@ class FlowRWRConfig(MethodConfig):
     temperature: float = 1.0
 
 
+#: most points a recipe's grid may have: selection on a small validation split over many points would overfit it
+MAX_GRID_POINTS = 6
+
+
 @dataclass
 class Recipe:
     method: MethodConfig
@@ -215,8 +219,19 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig | None = None
     seed: int = 0
+    #: the small hyper-parameter grid the efficacy protocol searches for this recipe: dotted key -> values (their
+    #: product at most MAX_GRID_POINTS points); the best point by *validation* reward is the one reported.
+    #: ``diffalign train`` ignores it and trains the values written above.
+    grid: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self):
+        n = 1
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid.{key}: give a non-empty list of values")
+            n *= len(values)
+        if n > MAX_GRID_POINTS:
+            raise ValueError(f"grid: {n} points; the efficacy protocol allows at most {MAX_GRID_POINTS} per recipe")
         given = [k for k in ("path", "synth", "prompts") if getattr(self.data, k) is not None]
         if not given:
             raise ValueError("data: give either 'path' (a preference dataset), 'synth' (AI-feedback sampling) or "

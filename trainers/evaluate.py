@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from diffalign.eval import (EvalReport, evaluate_against_base, format_table, sample_grid, seeded_noise, write_grid,
-                            write_report)
+from diffalign.eval import EvalReport, evaluate_against_base, format_table, sample_grid, seeded_noise, write_report
 from diffalign.generators.base import Generator
+from diffalign.labelled_grid import write_labelled_grid
 from diffalign.media import filmstrip
 from diffalign.sampling import read_prompts
 from trainers.config import EvalConfig
@@ -44,18 +44,19 @@ def evaluate_generator(gen: Generator, cfg: EvalConfig, out_dir: Path, *, base: 
     reports, grids = [], []
     for split, spec in splits:
         prompts = read_prompts(spec)
-        report, base_img, tuned_img = evaluate_against_base(sample_base, sample_tuned, reward, prompts, noise, split,
-                                                            accuracy=accuracy)
+        report, base_img, tuned_img, scores = evaluate_against_base(sample_base, sample_tuned, reward, prompts, noise,
+                                                                    split, accuracy=accuracy, return_scores=True)
         reports.append(report)
-        grids.append((split, prompts, base_img, tuned_img))
+        grids.append((split, prompts, base_img, tuned_img, scores))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(reports, out_dir, meta={"reward": cfg.reward, "seeds": cfg.seeds, "steps": cfg.steps,
                                          "guidance": cfg.guidance, "seconds": round(time.time() - t0, 1)})
-    for split, prompts, b, t in grids:
+    for split, prompts, b, t, (sb, st) in grids:
         if b.dim() == 6:  # videos [P, S, F, 3, H, W]: each sample drawn as its frames left to right
             b, t = filmstrip(b), filmstrip(t)
         name = "grid.png" if split == "held-out" else f"grid_{split}.png"
-        write_grid(prompts, b, t, out_dir / name, per_prompt=cfg.grid_seeds)
+        write_labelled_grid(out_dir / name, prompts, b, t, sb, st, per_prompt=cfg.grid_seeds,
+                            title=f"{split}: {cfg.reward} under each sample")
     print(format_table(reports))
     return reports
 

@@ -95,6 +95,9 @@ class PRDP:
         self._reward = reward
         self.round: dict[str, Any] | None = None
         self.uses = 0
+        #: the online budget, reported beside offline methods' fixed data: trajectories sampled, images scored
+        self.samples_drawn = 0
+        self.reward_calls = 0
 
     @property
     def reward(self):
@@ -125,6 +128,8 @@ class PRDP:
         out = gen.sample(flat, cfg.sample_steps, cfg.guidance, generator=g, noise=noise, eta=cfg.eta,
                          return_trajectory=True)
         rewards = self.reward.score(out.media.to(_module_device(self.reward)), flat).float().to(device)
+        self.samples_drawn += n
+        self.reward_calls += n
         sched = SamplerSchedule(gen, cfg.sample_steps, cfg.eta)
         cond = gen.encode(flat)
         uncond = gen.null_conditioning(n) if cfg.guidance != 1.0 else None
@@ -177,5 +182,6 @@ class PRDP:
             r_hat = logratio.sum(1)
             clipped = ((logratio - old).abs() > cfg.clip * scale).float().mean()
         metrics = {"reward_mean": r["rewards"].mean(), "reward_std": r["rewards"].std(),
-                   "r_hat_mean": r_hat.mean(), "clip_fraction": clipped}
+                   "r_hat_mean": r_hat.mean(), "clip_fraction": clipped,
+                   "samples_drawn": float(self.samples_drawn), "reward_calls": float(self.reward_calls)}
         return per_pair.mean(), metrics

@@ -8,13 +8,15 @@ tuned model is evaluated against its base on held-out prompts.
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from diffalign.config import load_config, save_config, to_dict
+from diffalign.config import ConfigError, load_config, save_config, to_dict
 from diffalign.generators.base import Generator
 from trainers.config import Recipe
 
@@ -23,6 +25,25 @@ PAIRS_FILE = "pairs.parquet"
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return load_config(Recipe, path, overrides)
+
+
+def grid_points(recipe: Recipe) -> list[dict[str, Any]]:
+    """Every point of the recipe's ``grid`` as {dotted key: value}, in declaration order; ``[{}]`` without a grid.
+    A key that names no field of the recipe is an error naming it."""
+    resolved = to_dict(recipe)
+    for key in recipe.grid:
+        node: Any = resolved
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"grid.{key}: no such recipe key")
+            node = node[part]
+    keys = list(recipe.grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.grid[k] for k in keys))]
+
+
+def point_overrides(point: dict[str, Any]) -> list[str]:
+    """A grid point as ``--set`` overrides (values written as JSON, which the YAML override parser reads)."""
+    return [f"{key}={json.dumps(value)}" for key, value in point.items()]
 
 
 def prepare_data(recipe: Recipe, gen: Generator, out_dir: Path):
@@ -105,7 +126,9 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
             reports = evaluate_generator(view(gen, base) if view else gen, recipe.eval, out, base=base)
             timings["eval_s"] = time.time() - t2
             summary["eval"] = {r.split: {"win_rate": r.win_rate, "reward_base": r.reward_base,
-                                         "reward_tuned": r.reward_tuned, "drift": r.drift} for r in reports}
+                                         "reward_tuned": r.reward_tuned, "reward_gain": r.reward_gain,
+                                         "gain_ci": list(r.gain_ci), "wins": r.wins, "ties": r.ties,
+                                         "losses": r.losses, "drift": r.drift} for r in reports}
     timings["total_s"] = time.time() - t0
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
     print(f"done in {timings['total_s']:.0f} s (data {timings['data_s']:.0f} s, train {timings['train_s']:.0f} s"

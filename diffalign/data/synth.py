@@ -23,7 +23,7 @@ class Sampler(Protocol):
     """The part of ``diffalign.generators.base.Generator`` synthesis uses."""
 
     def sample(self, prompts: Sequence[str], steps: int = ..., guidance: float = ..., *,
-               generator: torch.Generator | None = None) -> Any: ...
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Any: ...
 
 
 class Scorer(Protocol):
@@ -39,22 +39,32 @@ RewardSpec = Union[Scorer, Sequence[tuple[Scorer, float]]]
 
 def synthesize(generator: Sampler, reward: RewardSpec, prompts: Sequence[str], k: int, *, mode: str = "pairs",
                pair_strategy: str = "best_worst", min_margin: float = 0.0, steps: int = 20, guidance: float = 5.0,
-               seed: int = 0, batch_size: int = 64, progress: bool = True,
-               out: str | Path | None = None) -> list[PreferencePair] | list[RankedList]:
+               seed: int = 0, batch_size: int = 64, progress: bool = True, out: str | Path | None = None,
+               noise_seeds: Sequence[int] | None = None) -> list[PreferencePair] | list[RankedList]:
     """Sample ``k`` images per prompt, score them with ``reward`` (or a list of (reward, weight) pairs: weighted
     mean of per-reward z-scores), and return pairs or ranked lists whose images are tensors [3, H, W].
 
     ``mode="pairs"`` keeps per prompt the best vs the worst sample (``pair_strategy="best_worst"``) or every pair
     (``"all"``) whose score gap exceeds ``min_margin``; equal scores never make a pair. ``mode="ranked"`` keeps
-    all k, best first. The result depends only on (``seed``, ``batch_size``, inputs). With ``out`` the result is
+    all k, best first. The result depends only on (``seed``, ``batch_size``, inputs). ``noise_seeds`` (one per
+    image, prompt-major: prompt i's sample j is ``i·k + j``) draws each image's initial noise from its own seed
+    instead, as ``diffalign.eval.seeded_noise`` does: an evaluation can then prove that it never sees the noise
+    the data was made from. With ``out`` the result is
     also written: a ``.parquet`` path gets Pick-a-Pic parquet (pairs only), anything else a JSONL folder.
     Videos [F, 3, H, W] are kept as filmstrips [3, H, F·W] (``diffalign.media.filmstrip``), so the same files
     hold them; video generators' ``encode_media`` reads filmstrips back.
     """
     prompts = _check_args(prompts, k, mode, pair_strategy, min_margin, steps, batch_size, out)
+    if noise_seeds is not None:
+        noise_seeds = [int(x) for x in noise_seeds]
+        if len(noise_seeds) != len(prompts) * k:
+            raise ValueError(f"noise_seeds: {len(noise_seeds)} seeds for {len(prompts)} prompts × {k} samples "
+                             f"(need {len(prompts) * k}, one per image)")
+        if len(set(noise_seeds)) != len(noise_seeds):
+            raise ValueError("noise_seeds: repeated seeds would draw identical images")
     terms = _reward_terms(reward)
     images, raw = _sample_and_score(generator, [t[0] for t in terms], prompts, k, steps, guidance, seed,
-                                    batch_size, progress)
+                                    batch_size, progress, noise_seeds)
     scores = raw[0] if not isinstance(reward, (list, tuple)) else _ensemble(raw, [t[1] for t in terms])
     names = [t[2] for t in terms]
 
@@ -151,8 +161,8 @@ def _device_of(module: Any) -> torch.device | None:
 
 @torch.no_grad()
 def _sample_and_score(generator: Sampler, scorers: list[Scorer], prompts: list[str], k: int, steps: int,
-                      guidance: float, seed: int, batch_size: int,
-                      progress: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+                      guidance: float, seed: int, batch_size: int, progress: bool,
+                      noise_seeds: list[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """All k·P images (prompt-major) as CPU tensors, and raw scores [n_rewards, k·P] in float64."""
     from tqdm.auto import tqdm
 
@@ -168,8 +178,14 @@ def _sample_and_score(generator: Sampler, scorers: list[Scorer], prompts: list[s
     try:
         for start, batch_seed in zip(starts, batch_seeds):
             chunk = flat[start:start + batch_size]
-            g = torch.Generator(device=gen_device).manual_seed(batch_seed)
-            output = generator.sample(chunk, steps, guidance, generator=g)
+            if noise_seeds is not None:
+                from diffalign.eval import seeded_noise
+
+                noise = seeded_noise(generator, noise_seeds[start:start + len(chunk)]).to(gen_device)
+                output = generator.sample(chunk, steps, guidance, noise=noise)
+            else:
+                g = torch.Generator(device=gen_device).manual_seed(batch_seed)
+                output = generator.sample(chunk, steps, guidance, generator=g)
             media = getattr(output, "media", output)
             video = isinstance(media, torch.Tensor) and media.dim() == 5 and media.shape[2] == 3
             if not isinstance(media, torch.Tensor) or media.shape[0] != len(chunk) \
