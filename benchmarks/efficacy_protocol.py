@@ -187,9 +187,13 @@ def pairs_from_lists(lists: Sequence, min_margin: float) -> list:
     for item in lists:
         if item.scores[0] - item.scores[-1] <= min_margin:
             continue
+        meta = dict(item.meta)
+        for key in ("samples", "noise_seeds"):  # per-item lists: keep the two ends, in pair order
+            if isinstance(meta.get(key), list):
+                meta[key] = [meta[key][0], meta[key][-1]]
         pairs.append(PreferencePair(prompt=item.prompt, chosen=item.items[0], rejected=item.items[-1], label=1.0,
                                     chosen_score=item.scores[0], rejected_score=item.scores[-1],
-                                    id=f"{item.id}:best-worst", meta=dict(item.meta)))
+                                    id=f"{item.id}:best-worst", meta=meta))
     return pairs
 
 
@@ -348,6 +352,12 @@ def recipe_overrides(method: Method, ctx: Context, run_dir: Path) -> list[str]:
     return sets
 
 
+def point_dir(mdir: Path, point: dict) -> Path:
+    """A grid point's folder is named by its values, so editing a recipe's grid never mixes up cached points."""
+    slug = "-".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "recipe"
+    return mdir / slug.replace("/", "_")
+
+
 def train_point(method: Method, ctx: Context, point: dict, run_dir: Path) -> dict:
     """Train one grid point (resuming a killed run from its last checkpoint); returns its training summary."""
     from trainers.recipe import point_overrides, run_recipe
@@ -406,7 +416,7 @@ def run_method(method: Method, ctx: Context, grid_dir: Path) -> dict:
     val = ctx.base("validation")
     results, wall, online = [], 0.0, {}
     for i, point in enumerate(points):
-        run_dir = mdir / f"point{i}"
+        run_dir = point_dir(mdir, point)
         scored = read_json(run_dir / "validation.json")
         if scored is None:
             ctx.log(f"[{ctx.world.name}/{method.name}] point {i + 1}/{len(points)}: {point}")
@@ -432,7 +442,7 @@ def run_method(method: Method, ctx: Context, grid_dir: Path) -> dict:
     held = read_json(mdir / "heldout.json")
     if held is None or held.get("point") != chosen["point"]:
         ctx.log(f"[{ctx.world.name}/{method.name}] chosen on validation: {chosen['point']}; held-out evaluation")
-        run_dir = mdir / f"point{best}"
+        run_dir = point_dir(mdir, chosen["point"])
         sampler = (guidance_sampler(method, ctx, chosen["point"]["scale"]) if method.data == "guidance"
                    else tuned_sampler(method, ctx, run_dir))
         split = ctx.splits["held-out"]

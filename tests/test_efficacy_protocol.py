@@ -69,12 +69,15 @@ def test_synthesis_with_noise_seeds_draws_exactly_the_seeded_noise():
 
 def test_pairs_are_best_vs_worst_of_the_same_lists_above_the_margin():
     img = [torch.full((3, 2, 2), v) for v in (0.9, 0.5, 0.1)]
-    lists = [RankedList(prompt="a", items=img, scores=[0.9, 0.5, 0.1], id="0"),
+    lists = [RankedList(prompt="a", items=img, scores=[0.9, 0.5, 0.1], id="0",
+                        meta={"noise_seeds": [7, 3, 5], "samples": [1, 2, 0], "sample_steps": 20}),
              RankedList(prompt="b", items=img, scores=[0.52, 0.51, 0.50], id="1")]
     pairs = pairs_from_lists(lists, min_margin=0.05)
     assert len(pairs) == 1 and pairs[0].prompt == "a"
     assert pairs[0].chosen_score == 0.9 and pairs[0].rejected_score == 0.1
     assert pairs[0].chosen is img[0] and pairs[0].rejected is img[2]
+    # the seeds that replay each image's sampling path follow the pair's order (chosen, rejected)
+    assert pairs[0].meta == {"noise_seeds": [7, 5], "samples": [1, 0], "sample_steps": 20}
 
 
 # --- the tie band and the CI -------------------------------------------------------------------------------------------

@@ -125,6 +125,9 @@ class InversionSettings:
 
     inversion_steps: int = 10
     inversion_eta: float = 0.0
+    #: "ddim": approximate inversion of each image (the papers'); "sampler_path": the base's own sampling path of
+    #: each image, exact for data synthesised with noise seeds (trainers/sampler_path.py says why)
+    inversion: Literal["ddim", "sampler_path"] = "ddim"
 
 
 @MethodConfig.register("smpo")

@@ -84,14 +84,27 @@ def pair_metrics(out, model_w, model_l, ref_w, ref_l) -> dict[str, torch.Tensor]
             "ref_err_w": ref_w.mean().detach(), "ref_err_l": ref_l.mean().detach()}
 
 
+def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg, paths=None,
+                renoise_iters: int = 0):
+    """x̃_t, t, cond, target and the inverted mask by the method's ``inversion`` setting (InPO and SmPO)."""
+    if cfg.inversion == "sampler_path":
+        from trainers.sampler_path import sampler_path_pair_inputs
+
+        return sampler_path_pair_inputs(gen, batch, rng, paths)
+    return inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps, renoise_iters=renoise_iters,
+                                eta=cfg.inversion_eta)
+
+
 class InPO:
     def __init__(self, cfg: InPOConfig):
+        from trainers.sampler_path import SamplerPaths
+
+        self.cfg = cfg
         self.beta = cfg.beta
-        self.inversion_steps = cfg.inversion_steps
-        self.eta = cfg.inversion_eta
+        self.paths = SamplerPaths()
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
-        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, self.inversion_steps, eta=self.eta)
+        xt, t, cond, target, inverted = pair_inputs(gen, batch, rng, self.cfg, self.paths)
         errs = pair_errors(gen, reference, xt, t, cond, target)
         out = inpo_loss(*errs, self.beta)
         metrics = pair_metrics(out, *errs)

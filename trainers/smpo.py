@@ -15,14 +15,17 @@ import torch
 
 from diffalign.generators.base import Generator
 from trainers.config import SmPOConfig
-from trainers.inpo import inverted_pair_inputs, pair_errors, pair_metrics
+from trainers.inpo import pair_errors, pair_inputs, pair_metrics
 from trainers.losses import smoothed_preference, smpo_loss
 
 
 class SmPO:
     def __init__(self, cfg: SmPOConfig, reward=None):
+        from trainers.sampler_path import SamplerPaths
+
         self.cfg = cfg
         self._reward = reward
+        self.paths = SamplerPaths()
 
     @property
     def reward(self):
@@ -45,9 +48,8 @@ class SmPO:
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         p = self.preference(batch, gen.device)
-        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, self.cfg.inversion_steps,
-                                                             renoise_iters=self.cfg.renoise_iters,
-                                                             eta=self.cfg.inversion_eta)
+        xt, t, cond, target, inverted = pair_inputs(gen, batch, rng, self.cfg, self.paths,
+                                                    renoise_iters=self.cfg.renoise_iters)
         errs = pair_errors(gen, reference, xt, t, cond, target)
         out = smpo_loss(*errs, p, self.cfg.beta, self.cfg.gamma)
         metrics = pair_metrics(out, *errs)

@@ -263,7 +263,7 @@ class RankedListDataset(torch.utils.data.Dataset):
 
 
 def collate_pairs(batch: Sequence[PreferencePair]) -> dict[str, Any]:
-    """DataLoader collate: {prompt: [B], chosen: [B, 3, H, W], rejected: [B, 3, H, W], label: [B]}.
+    """DataLoader collate: {prompt: [B], chosen: [B, 3, H, W], rejected: [B, 3, H, W], label: [B], id, meta}.
 
     Images must share one size; give the dataset a resizing ``transform`` when the source mixes sizes.
     """
@@ -279,6 +279,7 @@ def collate_pairs(batch: Sequence[PreferencePair]) -> dict[str, Any]:
         "rejected": torch.stack(rejected),
         "label": torch.tensor([p.label for p in batch], dtype=torch.float32),
         "id": [p.id for p in batch],
+        "meta": [p.meta for p in batch],
     }
 
 

@@ -76,6 +76,9 @@ def synthesize(generator: Sampler, reward: RewardSpec, prompts: Sequence[str], k
 
         def meta(samples: list[int]) -> dict:
             m: dict[str, Any] = {"prompt_index": i, "samples": samples, "seed": seed}
+            if noise_seeds is not None:  # enough to replay each image's sampling path (trainers/sampler_path.py)
+                m.update(noise_seeds=[noise_seeds[base + j] for j in samples], sample_steps=steps,
+                         sample_guidance=guidance)
             if len(names) > 1 or isinstance(reward, (list, tuple)):
                 m["reward_scores"] = {n: [float(raw[r, base + j]) for j in samples] for r, n in enumerate(names)}
             return m
