@@ -78,7 +78,7 @@ def trajectories(args) -> int:
     n = args.trajectories
     prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(n)]
     out = gen.sample(prompts, 20, 3.0, noise=seeded_noise(gen, range(n)), return_trajectory=True)
-    x0 = gen.encode_media(out.media)  # what training reads back from the saved images
+    x0 = out.trajectory[:, -1]  # the path's own end (the saved image is this, clamped and rounded to 8 bits)
     cond = gen.encode(prompts)
     path = {int(t): out.trajectory[:, i] for i, t in enumerate(out.timesteps.tolist())}
     print(f"{args.model}, {n} samples (DDIM 20, CFG 3); inversion: {args.inversion_steps} steps, conditional")

@@ -195,16 +195,27 @@ class PRDPConfig(RewardSource, MethodConfig):
     timestep_fraction: float = 1.0
 
 
+@dataclass
+class FlowTimesteps:
+    """Which σ the flow objectives train at. "logit_normal": the generator's own training density (SD3's
+    logit-normal, flow_grpo's DPO choice; with SD3.5's shift 3 its mass sits at high noise). "uniform": σ ~ U(0, 1),
+    every step of an evenly spaced Euler sampler equally, as Diffusion-DPO's t ~ U{0..999} does; for an unshifted
+    base (the toy flow base) logit-normal(0, 1) puts only 8% of the mass above σ = 0.8, where a sample's layout,
+    shape and colour are decided."""
+
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+
+
 @MethodConfig.register("flow_dpo")
 @dataclass
-class FlowDPOConfig(MethodConfig):
+class FlowDPOConfig(FlowTimesteps, MethodConfig):
     #: constant β on the velocity-MSE scale (flow_grpo's SD3.5 default 100; FLUX LoRA wants ~2000)
     beta: float = 100.0
 
 
 @MethodConfig.register("flow_rwr")
 @dataclass
-class FlowRWRConfig(MethodConfig):
+class FlowRWRConfig(FlowTimesteps, MethodConfig):
     #: w ∝ exp(r/τ), normalised over the batch; τ = 1 is the paper's exp(r)
     temperature: float = 1.0
 

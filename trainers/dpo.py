@@ -16,12 +16,24 @@ from trainers.config import DPOConfig
 from trainers.losses import diffusion_dpo_loss
 
 
-def noisy_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, caption_dropout: float = 0.0):
+def training_timesteps(gen: Generator, b: int, rng: torch.Generator, sampling: str = "default") -> torch.Tensor:
+    """t for ``b`` rows: the generator's own training density, or (flow family) σ ~ U(0, 1) with "uniform"."""
+    if sampling in ("default", "logit_normal"):
+        return gen.sample_timesteps(b, generator=rng)
+    if sampling == "uniform":
+        if gen.prediction_type != "flow":
+            raise ValueError(f"timestep_sampling 'uniform' is for flow generators, not the {gen.family!r} family")
+        return torch.rand(b, generator=rng).to(gen.device)
+    raise ValueError(f"unknown timestep_sampling {sampling!r}; known: logit_normal, uniform")
+
+
+def noisy_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, caption_dropout: float = 0.0,
+                      timestep_sampling: str = "default"):
     """x0 of [winners; losers], shared ε and t per pair, the repeated conditioning, x_t and the target."""
     x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
     b = batch["chosen"].shape[0]
     noise = torch.randn((b, *x0.shape[1:]), generator=rng).to(x0.device, x0.dtype)
-    t = gen.sample_timesteps(b, generator=rng)
+    t = training_timesteps(gen, b, rng, timestep_sampling)
     prompts = list(batch["prompt"])
     if caption_dropout > 0:
         drop = torch.rand(b, generator=rng) < caption_dropout

@@ -22,12 +22,13 @@ class FlowDPO:
     def __init__(self, cfg: FlowDPOConfig, caption_dropout: float = 0.0):
         self.beta = cfg.beta
         self.caption_dropout = caption_dropout
+        self.timestep_sampling = cfg.timestep_sampling
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         if gen.prediction_type != "flow":  # FlowGenerator and its subclasses (Wan video, Flux): velocity target
             raise ValueError(f"flow_dpo trains flow-matching generators, but {type(gen).__name__} is the "
                              f"{gen.family!r} family; use method 'dpo' for it")
-        xt, t, cond, target = noisy_pair_inputs(gen, batch, rng, self.caption_dropout)
+        xt, t, cond, target = noisy_pair_inputs(gen, batch, rng, self.caption_dropout, self.timestep_sampling)
         errs = pair_errors(gen, reference, xt, t, cond, target)
         out = flow_dpo_loss(*errs, self.beta)
         return out.loss.mean(), pair_metrics(out, *errs)

@@ -15,6 +15,7 @@ import torch
 
 from diffalign.generators.base import Generator, per_sample_mse
 from trainers.config import FlowRWRConfig
+from trainers.dpo import training_timesteps
 from trainers.losses import rwr_loss
 from trainers.rankdpo import FlatSamples, collate_samples, ranked_lists
 
@@ -24,6 +25,7 @@ class FlowRWR:
 
     def __init__(self, cfg: FlowRWRConfig):
         self.temperature = cfg.temperature
+        self.timestep_sampling = cfg.timestep_sampling
 
     def prepare_data(self, recipe, gen: Generator, out_dir: Path):
         samples = FlatSamples(ranked_lists(recipe, gen, out_dir))
@@ -35,7 +37,7 @@ class FlowRWR:
         x0 = gen.encode_media(batch["image"])
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
-        t = gen.sample_timesteps(b, generator=rng)
+        t = training_timesteps(gen, b, rng, self.timestep_sampling)
         cond = gen.encode(list(batch["prompt"]))
         err = per_sample_mse(gen.predict(gen.add_noise(x0, noise, t), t, cond), gen.target(x0, noise, t))
         rewards = batch["score"].to(err.device)

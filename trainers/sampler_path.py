@@ -8,8 +8,8 @@ inverse that the approximate inversion stands in for.
 
 Why this matters, measured in the toy world (``python benchmarks/inversion_stats.py --trajectories 32``): 10-step
 DDIM inversion of the base's own samples lands as far from the sampler's path as the noise itself is large
-(‖x̃_t − x_t‖ / ‖x_t − √ᾱ·x0‖ = 0.94–1.05 at t = 100…900) and its ε̃ has a standard deviation of 0.66–0.78
-where the path's is 1.0–1.5: the inverted inputs are cleaner than the timestep claims and lie where the sampler
+(‖x̃_t − x_t‖ / ‖x_t − √ᾱ·x0‖ = 0.83–1.02 at t = 100…900) and its ε̃ has a standard deviation of 0.68–0.80
+where the path's is 0.99–1.15: the inverted inputs are cleaner than the timestep claims and lie where the sampler
 never goes, so preference gradients change the model off the sampling distribution and samples barely move.
 
 Each image's path is computed once, with the adapters off (the model that drew it), and cached in memory.
@@ -80,21 +80,23 @@ def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.G
     """Like ``trainers.inpo.inverted_pair_inputs``, with x̃ taken from each image's sampler path.
 
     One t per pair (shared by winner and loser, as in every DPO-family loss); x̃ is the path's state at the last
-    sampler timestep ≤ t and the model is told that timestep. A t below the path's last timestep falls back to
+    sampler timestep ≤ t and the model is told that timestep; ε̃ reparametrises it against the path's end x0. A t below the path's last timestep falls back to
     fresh forward noise, as DDIM inversion does below its first grid point.
     """
     from trainers.inpo import reparametrised_noise
 
     chosen_seeds, rejected_seeds, steps, guidance = _pair_meta(batch)
-    x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
+    prompts = list(batch["prompt"])
+    path, timesteps = paths.get(gen, prompts + prompts, chosen_seeds + rejected_seeds, steps, guidance)
+    # x0 is the path's own end, not the stored image: the image was clamped to [0, 1] and rounded to 8 bits, and
+    # that tiny difference divided by √(1 − ᾱ_t) near t = 0 gave targets ε̃ with errors in the hundreds
+    x0 = path[:, -1].to(gen.dtype)
     b = batch["chosen"].shape[0]
     t = gen.sample_timesteps(b, generator=rng)
     noise = torch.randn((b, *x0.shape[1:]), generator=rng).to(x0.device, x0.dtype)
-    prompts = list(batch["prompt"])
     cond = gen.encode(prompts).repeat(2)
     t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
     xt = gen.add_noise(x0, noise2, t2)
-    path, timesteps = paths.get(gen, prompts + prompts, chosen_seeds + rejected_seeds, steps, guidance)
     on_path = torch.zeros(2 * b, dtype=torch.bool)
     for row, value in enumerate(t2.tolist()):
         below = [i for i, ts in enumerate(timesteps) if ts <= value]
