@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--scale-groups", type=int, default=None,
                    help="run the data-scale rows instead: this many groups per prompt (64 on shapes: ≥ 500 pairs); "
                         "each method trains the grid point the main table chose on validation")
+    p.add_argument("--points-from", default=None, choices=list(WORLDS),
+                   help="train only the grid point each method chose on this world's validation split (to save "
+                        "time in another world; the table says so)")
     p.add_argument("--val-seeds", type=int, default=8, help="validation seeds per training prompt")
     p.add_argument("--heldout-seeds", type=int, default=32, help="held-out seeds per held-out prompt")
     p.add_argument("--eval-steps", type=int, default=20)
@@ -253,15 +256,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         budget = budget_of(args)
         section = "main" if args.scale_groups is None else f"data scale ({args.scale_groups} groups per prompt)"
+        if args.points_from is not None and args.scale_groups is None:
+            section = f"main (grid points chosen on the {args.points_from} world's validation split)"
         grid_dir = Path(args.out).parent / Path(args.out).stem
         for world in args.worlds:
             methods = [m for m in WORLD_METHODS[world] if m in args.methods]
             if not methods:
                 continue
             chosen = {}
-            if args.scale_groups is not None:  # the data-scale rows: the main table's validation choice, more data
+            source = args.points_from or (world if args.scale_groups is not None else None)
+            if source is not None:  # reuse a validation choice made elsewhere (never a held-out number)
                 chosen = {r["method"]: r["chosen"] for r in rows
-                          if r["world"] == world and r.get("section", "main") == "main" and r.get("status") == "ok"}
+                          if r["world"] == source and r.get("section", "main") == "main" and r.get("status") == "ok"}
             new = run_world(world, methods, budget, workdir, grid_dir, section, chosen)
             # re-read first: another process may have finished rows of other methods meanwhile
             rows = merge_rows(read_json(rows_path) or [], new)

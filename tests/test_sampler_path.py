@@ -80,3 +80,24 @@ def test_inpo_with_sampler_path_starts_at_ln2_and_gets_gradients(gen_and_pairs):
     grads = [p.grad for p in gen.denoiser.parameters() if p.requires_grad and p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     assert 0 < float(metrics["inverted_fraction"]) <= 1
+
+
+@pytest.mark.parametrize("inversion", ["ddim", "sampler_path"])
+def test_pair_noise_winner_gives_the_loser_its_winners_noise(gen_and_pairs, inversion):
+    from trainers.inpo import pair_inputs
+
+    gen, _, pairs = gen_and_pairs
+    batch = collate_pairs(pairs)
+    cfg = InPOConfig(name="inpo", inversion=inversion, inversion_steps=4, pair_noise="winner")
+    xt, t, cond, target, inverted = pair_inputs(gen, batch, torch.Generator().manual_seed(3), cfg, SamplerPaths())
+    b = len(pairs)
+    x0 = (SamplerPaths().get(gen, batch["prompt"] * 2, [m["noise_seeds"][0] for m in batch["meta"]]
+                             + [m["noise_seeds"][1] for m in batch["meta"]], 4, 3.0)[0][:, -1]
+          if inversion == "sampler_path" else gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]])))
+    eps = reparametrised_noise(gen, x0, xt, t)
+    torch.testing.assert_close(eps[b:], eps[:b], atol=1e-4, rtol=1e-4)  # one ε̃ per pair: the winner's
+    torch.testing.assert_close(target, eps, atol=1e-4, rtol=1e-4)
+    own = pair_inputs(gen, batch, torch.Generator().manual_seed(3), InPOConfig(
+        name="inpo", inversion=inversion, inversion_steps=4), SamplerPaths())
+    torch.testing.assert_close(own[0][:b], xt[:b])  # winners are untouched
+    assert not torch.allclose(own[0][b:], xt[b:])  # losers now carry the winners' noise

@@ -108,6 +108,9 @@ class MethodConfig(Variant):
 class DPOConfig(MethodConfig):
     #: β on the mean-error scale (trainers.md §1: 5000 for SD1.5/SDXL ≙ diffusers' β′ = 2500)
     beta: float = 5000.0
+    #: one ε per pair, as the official code (winner and loser then differ only in content); false draws
+    #: separate ε^w, ε^l as the paper's Eq. 14 writes — an ablation: the toy world loses its gain with it
+    shared_noise: bool = True
 
 
 @dataclass
@@ -128,6 +131,10 @@ class InversionSettings:
     #: "ddim": approximate inversion of each image (the papers'); "sampler_path": the base's own sampling path of
     #: each image, exact for data synthesised with noise seeds (trainers/sampler_path.py says why)
     inversion: Literal["ddim", "sampler_path"] = "ddim"
+    #: "own": each image keeps its own inverted noise ε̃ (the papers'); "winner": the loser is noised with the
+    #: winner's ε̃ too, so the pair differs only in content as in Diffusion-DPO's shared ε — the toy world's DPO
+    #: loses its gain without that sharing (benchmarks/results/efficacy_ablations.md)
+    pair_noise: Literal["own", "winner"] = "own"
 
 
 @MethodConfig.register("smpo")

@@ -28,8 +28,9 @@ def training_timesteps(gen: Generator, b: int, rng: torch.Generator, sampling: s
 
 
 def noisy_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, caption_dropout: float = 0.0,
-                      timestep_sampling: str = "default"):
-    """x0 of [winners; losers], shared ε and t per pair, the repeated conditioning, x_t and the target."""
+                      timestep_sampling: str = "default", shared_noise: bool = True):
+    """x0 of [winners; losers], shared ε (unless ``shared_noise`` is false) and t per pair, the repeated
+    conditioning, x_t and the target."""
     x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
     b = batch["chosen"].shape[0]
     noise = torch.randn((b, *x0.shape[1:]), generator=rng).to(x0.device, x0.dtype)
@@ -39,7 +40,8 @@ def noisy_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generato
         drop = torch.rand(b, generator=rng) < caption_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
     cond = gen.encode(prompts).repeat(2)
-    noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
+    other = noise if shared_noise else torch.randn((b, *x0.shape[1:]), generator=rng).to(x0.device, x0.dtype)
+    noise2, t2 = torch.cat([noise, other]), torch.cat([t, t])
     xt = gen.add_noise(x0, noise2, t2)
     return xt, t2, cond, gen.target(x0, noise2, t2)
 
@@ -48,9 +50,11 @@ class DiffusionDPO:
     def __init__(self, cfg: DPOConfig, caption_dropout: float = 0.0):
         self.beta = cfg.beta
         self.caption_dropout = caption_dropout
+        self.shared_noise = cfg.shared_noise
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
-        xt, t, cond, target = noisy_pair_inputs(gen, batch, rng, self.caption_dropout)
+        xt, t, cond, target = noisy_pair_inputs(gen, batch, rng, self.caption_dropout,
+                                                shared_noise=self.shared_noise)
         err = per_sample_mse(gen.predict(xt, t, cond), target)
         ref_err = per_sample_mse(reference.predict(xt, t, cond), target)
         model_w, model_l = err.chunk(2)

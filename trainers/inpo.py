@@ -84,15 +84,31 @@ def pair_metrics(out, model_w, model_l, ref_w, ref_l) -> dict[str, torch.Tensor]
             "ref_err_w": ref_w.mean().detach(), "ref_err_l": ref_l.mean().detach()}
 
 
+def share_winner_noise(gen: Generator, xt: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                       x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-noise the losers with their winners' ε̃ (rows [winners; losers], t shared within a pair): the pair then
+    differs only in content, as with Diffusion-DPO's shared ε."""
+    b = xt.shape[0] // 2
+    eps = reparametrised_noise(gen, x0, xt, t)
+    eps = torch.cat([eps[:b], eps[:b]])
+    return gen.add_noise(x0, eps, t), gen.target(x0, eps, t)
+
+
 def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg, paths=None,
                 renoise_iters: int = 0):
-    """x̃_t, t, cond, target and the inverted mask by the method's ``inversion`` setting (InPO and SmPO)."""
+    """x̃_t, t, cond, target and the inverted mask by the method's ``inversion`` and ``pair_noise`` settings
+    (InPO and SmPO)."""
     if cfg.inversion == "sampler_path":
         from trainers.sampler_path import sampler_path_pair_inputs
 
-        return sampler_path_pair_inputs(gen, batch, rng, paths)
-    return inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps, renoise_iters=renoise_iters,
-                                eta=cfg.inversion_eta)
+        xt, t, cond, target, inverted, x0 = sampler_path_pair_inputs(gen, batch, rng, paths, return_x0=True)
+    else:
+        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps,
+                                                             renoise_iters=renoise_iters, eta=cfg.inversion_eta)
+        x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
+    if cfg.pair_noise == "winner":
+        xt, target = share_winner_noise(gen, xt, t, target, x0)
+    return xt, t, cond, target, inverted
 
 
 class InPO:

@@ -76,7 +76,8 @@ def _pair_meta(batch: dict[str, Any]) -> tuple[list[int], list[int], int, float]
     return chosen, rejected, steps, guidance
 
 
-def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, paths: SamplerPaths):
+def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, paths: SamplerPaths,
+                             return_x0: bool = False):
     """Like ``trainers.inpo.inverted_pair_inputs``, with x̃ taken from each image's sampler path.
 
     One t per pair (shared by winner and loser, as in every DPO-family loss); x̃ is the path's state at the last
@@ -108,4 +109,6 @@ def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.G
         on_path[row] = True
     eps = reparametrised_noise(gen, x0, xt, t2)
     eps = torch.where(on_path.to(x0.device).view(-1, *([1] * (x0.dim() - 1))), eps, noise2)
+    if return_x0:
+        return xt, t2, cond, gen.target(x0, eps, t2), on_path, x0
     return xt, t2, cond, gen.target(x0, eps, t2), on_path
