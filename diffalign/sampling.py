@@ -8,13 +8,17 @@ from typing import Sequence
 
 
 def read_prompts(spec: str | Path) -> list[str]:
-    """A toy prompt set name ("toy-train", "toy-heldout", "toy-all"), a text file (one prompt per line), or a
-    single literal prompt."""
+    """A toy prompt set name ("toy-train", "toy-heldout", "toy-all", or the compose world's "compose-train",
+    "compose-heldout", "compose-all"), a text file (one prompt per line), or a single literal prompt."""
     text = str(spec)
     if text.startswith("toy-"):
         from diffalign.toyworld.prompts import prompt_set
 
         return list(prompt_set(text))
+    if text.startswith("compose-") and not Path(text).suffix and not Path(text).is_file():
+        from diffalign.toyworld.compose import compose_prompt_set
+
+        return compose_prompt_set(text)
     path = Path(text)
     if path.suffix in (".txt", ".lst") or path.is_file():
         if not path.is_file():

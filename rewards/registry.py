@@ -15,6 +15,7 @@ from rewards.base import RewardModel
 
 _BUILTIN: dict[str, str] = {
     "shapes-oracle": "rewards.oracle:ShapesOracle",
+    "compose-oracle": "rewards.oracle_compose:ComposeOracle",
     "shapes-video-oracle": "rewards.oracle_video:ShapesVideoOracle",
     "hpsv2": "rewards.clip:HPSv2",
     "hpsv2.1": "rewards.clip:HPSv21",

@@ -40,16 +40,18 @@ class PretrainConfig(PretrainSettings):
 
 
 # --- components ------------------------------------------------------------------------------------------------
-def build_unet(channels=(16, 32, 64), layers_per_block: int = 1, heads: int = 4, text_dim: int = 64):
-    """A pixel-space UNet for 16×16×3: plain ResNet blocks at full resolution, cross-attention to the prompt
-    from 8×8 down (and in the middle), where a shape's identity and colour are decided."""
+def build_unet(channels=(16, 32, 64), layers_per_block: int = 1, heads: int = 4, text_dim: int = 64,
+               size: int = IMAGE_SIZE):
+    """A pixel-space UNet for size×size×3 (16 by default): plain ResNet blocks at full resolution,
+    cross-attention to the prompt from half resolution down (and in the middle), where a shape's identity and
+    colour are decided. ``size`` is written to the config, so samplers draw noise of the right shape."""
     from diffusers import UNet2DConditionModel
 
     channels = tuple(int(c) for c in channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1)
     up = ("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",)
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=channels,
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=channels,
         down_block_types=down, up_block_types=up, layers_per_block=layers_per_block,
         cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=8,
     )
