@@ -21,6 +21,7 @@ base samples, each grid point's training (from its last checkpoint) and its vali
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -159,7 +160,7 @@ def split_plan(world: World, budget: Budget) -> SplitPlan:
 # --- small file helpers -------------------------------------------------------------------------------------------
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -198,16 +199,41 @@ def pairs_from_lists(lists: Sequence, min_margin: float) -> list:
 
 
 def world_data(world: World, family: str, budget: Budget, plan: SplitPlan, root: Path) -> WorldData:
+    folder = root / "data"
+    done = read_json(folder / "data.json")
+    if done is None:
+        with _exclusive(folder / "synth.lock"):  # another run synthesising the same data: wait for it
+            done = read_json(folder / "data.json")
+            if done is None:
+                return _synthesise(world, family, budget, plan, folder)
+    return WorldData(Path(done["ranked_dir"]), Path(done["pairs_path"]), done["lists"], done["pairs"],
+                     done["images"], done["seconds"])
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, poll_s: float = 5.0):
+    """A lock file created atomically; a run that finds it waits (a stale lock from a killed run: delete it)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            time.sleep(poll_s)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _synthesise(world: World, family: str, budget: Budget, plan: SplitPlan, folder: Path) -> WorldData:
     from diffalign.data.synth import synthesize
     from diffalign.data.writer import write_pickapic_parquet
     from diffalign.generators.registry import load_generator
     from rewards import load_reward
 
-    folder = root / "data"
-    done = read_json(folder / "data.json")
-    if done is not None:
-        return WorldData(Path(done["ranked_dir"]), Path(done["pairs_path"]), done["lists"], done["pairs"],
-                         done["images"], done["seconds"])
     t0 = time.time()
     gen = load_generator(world.bases[family])
     reward = load_reward(world.reward)
@@ -279,7 +305,7 @@ def base_samples(base_gen, reward, split: Split, budget: Budget, cache: Path) ->
     scores, ok = _score(reward, media, split.prompts)
     out = BaseSamples(images=_as_images(media), scores=scores, correct=ok)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # two runs may draw the same base samples at once
     torch.save(asdict(out), tmp)
     os.replace(tmp, cache)
     return out
