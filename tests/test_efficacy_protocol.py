@@ -25,6 +25,13 @@ def test_shapes_plan_keeps_validation_and_heldout_away_from_training_data():
     assert min(plan.val_seeds) == VAL_SEED0 and min(plan.heldout_seeds) == HELDOUT_SEED0
 
 
+def test_compose_plan_holds_out_unseen_combinations():
+    plan = split_plan(WORLDS["compose"], Budget())
+    assert len(plan.train_prompts) == 36 and len(plan.heldout_prompts) == 16
+    assert not set(plan.heldout_prompts) & set(plan.train_prompts)
+    assert not set(plan.synth_seeds) & set(plan.val_seeds)
+
+
 def test_plan_refuses_a_data_budget_that_reaches_the_validation_seeds():
     # 9 prompts × 8 samples × 14,000 groups > 1,000,000 images: synthesis would use validation's seeds
     with pytest.raises(ValueError, match="validation seeds were used to synthesise"):
