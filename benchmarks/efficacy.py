@@ -64,10 +64,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def budget_of(args) -> Budget:
+def budget_of(args, main: bool = False) -> Budget:
+    """The budget of this run (``main``: without the data-scale groups, i.e. the main table's)."""
     return Budget(steps=args.steps, samples_per_prompt=args.samples_per_prompt,
-                  groups=args.scale_groups or args.groups, val_seeds=args.val_seeds,
+                  groups=args.groups if main else (args.scale_groups or args.groups), val_seeds=args.val_seeds,
                   heldout_seeds=args.heldout_seeds, eval_steps=args.eval_steps)
+
+
+def chosen_points(world: str, methods: list[str], workdir: Path, budget: Budget) -> dict[str, dict]:
+    """The grid point each method chose on ``world``'s validation split at the main budget (read from its work
+    folder, where the choice is written before any held-out sample is drawn)."""
+    out = {}
+    for name in methods:
+        method = METHODS.get(name) or GUIDANCE[name]
+        done = read_json(workdir / f"{world}-{method.family}" / budget.tag() / name / "heldout.json")
+        if done is not None:
+            out[name] = done["point"]
+    return out
+
+
+def grid_suffix(section: str, budget: Budget) -> str:
+    if section == "main":
+        return ""
+    return f"-scale-g{budget.groups}" if section.startswith("data scale") else "-chosen-elsewhere"
 
 
 def base_missing(spec: str) -> str | None:
@@ -103,7 +122,8 @@ def run_world(world_name: str, methods: list[str], budget: Budget, workdir: Path
             print(f"[{world_name}/{method.family}] data: {data.lists} ranked lists of {budget.samples_per_prompt}, "
                   f"{data.pairs} best-vs-worst pairs ({data.seconds:.0f} s)", flush=True)
             contexts[method.family] = Context(world, budget, plan, root, data, reward, load_generator(spec),
-                                              log=lambda m: print(m, flush=True), only_points=only_points or {})
+                                              log=lambda m: print(m, flush=True), only_points=only_points or {},
+                                              grid_suffix=grid_suffix(section, budget))
         ctx = contexts[method.family]
         t0 = time.time()
         try:
@@ -216,6 +236,9 @@ def write_table(rows: list[dict], args, path: Path) -> str:
             lines += ["", "Grid points searched (validation reward of each): " + "; ".join(
                 f"{r['label']}: " + ", ".join(f"{_point(p['point'])} → {p['validation_reward']:.3f}"
                                               for p in r["points"]) for r in grids) + "."]
+            lines += ["", "Labelled held-out grids (per prompt a base row and a tuned row on the same seeds, the "
+                      "reward under each sample): " + ", ".join(f"`{Path(r['grid']).name}`" for r in grids
+                                                               if r.get("grid")) + f" in `{grid_dir_name(args)}`."]
         lines.append("")
     if args.notes:
         notes = Path(args.notes)
@@ -228,6 +251,11 @@ def write_table(rows: list[dict], args, path: Path) -> str:
     tmp.write_text(text)
     os.replace(tmp, path)
     return text
+
+
+def grid_dir_name(args) -> str:
+    folder = Path(args.out).parent / Path(args.out).stem
+    return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -263,11 +291,8 @@ def main(argv=None) -> int:
             methods = [m for m in WORLD_METHODS[world] if m in args.methods]
             if not methods:
                 continue
-            chosen = {}
             source = args.points_from or (world if args.scale_groups is not None else None)
-            if source is not None:  # reuse a validation choice made elsewhere (never a held-out number)
-                chosen = {r["method"]: r["chosen"] for r in rows
-                          if r["world"] == source and r.get("section", "main") == "main" and r.get("status") == "ok"}
+            chosen = {} if source is None else chosen_points(source, methods, workdir, budget_of(args, main=True))
             new = run_world(world, methods, budget, workdir, grid_dir, section, chosen)
             # re-read first: another process may have finished rows of other methods meanwhile
             rows = merge_rows(read_json(rows_path) or [], new)

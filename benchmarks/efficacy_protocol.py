@@ -349,6 +349,8 @@ class Context:
     log: Callable[[str], None] = print
     #: method -> the one grid point to run (the data-scale rows reuse the point the main table chose on validation)
     only_points: dict[str, dict] = field(default_factory=dict)
+    #: added to grid file names, so a data-scale or borrowed-choice row never overwrites the main row's grid
+    grid_suffix: str = ""
     splits: dict[str, Split] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -474,7 +476,7 @@ def run_method(method: Method, ctx: Context, grid_dir: Path) -> dict:
         split = ctx.splits["held-out"]
         t0 = time.time()
         row = evaluate(sample_split(sampler, split, ctx.budget), ctx.reward, split, ctx.base("held-out"),
-                       grid_path=grid_dir / f"{ctx.world.name}-{method.name}.png",
+                       grid_path=grid_dir / f"{ctx.world.name}-{method.name}{ctx.grid_suffix}.png",
                        grid_title=f"{method.label} ({ctx.world.name}), held-out; {ctx.world.reward} under each")
         held = {"point": chosen["point"], "heldout": row, "eval_s": time.time() - t0}
         write_json(mdir / "heldout.json", held)
@@ -483,4 +485,4 @@ def run_method(method: Method, ctx: Context, grid_dir: Path) -> dict:
                         "validation_gain": r["validation"]["gain"]} for r in results],
             "chosen": chosen["point"], "validation": chosen["validation"], "heldout": held["heldout"],
             "wall_s": wall + held["eval_s"], "online": online,
-            "grid": str(grid_dir / f"{ctx.world.name}-{method.name}.png")}
+            "grid": str(grid_dir / f"{ctx.world.name}-{method.name}{ctx.grid_suffix}.png")}
