@@ -152,8 +152,11 @@ def verdict(row: dict, dpo: dict | None) -> str:
     h = row["heldout"]
     notes = []
     if dpo is not None and dpo.get("status") == "ok" and row["method"] != "dpo":
-        need = GOAL_GAIN_FRACTION * dpo["heldout"]["gain"]
-        notes.append(f"gain {'≥' if h['gain'] >= need else 'BELOW'} 0.5× DPO's ({need:+.3f})")
+        if dpo["heldout"]["gain_ci"][0] <= 0:
+            notes.append("no DPO gain to compare with")
+        else:
+            need = GOAL_GAIN_FRACTION * dpo["heldout"]["gain"]
+            notes.append(f"gain {'≥' if h['gain'] >= need else 'BELOW'} 0.5× DPO's ({need:+.3f})")
     notes.append("CI above 0" if h["gain_ci"][0] > 0 else "CI NOT above 0")
     notes.append(f"win-rate {'meets' if h['win_rate'] >= GOAL_WIN else 'BELOW'} {GOAL_WIN:.2f}")
     return "; ".join(notes)
@@ -216,13 +219,12 @@ def write_table(rows: list[dict], args, path: Path) -> str:
              f"difference on identical noise. Goals: gain ≥ {GOAL_GAIN_FRACTION}× Diffusion-DPO's with the CI "
              f"above 0, and win-rate ≥ {GOAL_WIN}. Machine: {platform.processor() or platform.machine()}, "
              f"{args.threads} torch thread(s), 2 cores shared with other jobs.", ""]
-    sections = []
-    for r in rows:
-        key = (r["world"], r.get("section", "main"))
-        if key not in sections:
-            sections.append(key)
+    order = list(METHODS) + list(GUIDANCE)
+    sections = sorted({(r["world"], r.get("section", "main")) for r in rows},
+                      key=lambda k: (list(WORLDS).index(k[0]), k[1] != "main", k[1]))
     for world, section in sections:
-        sub = [r for r in rows if r["world"] == world and r.get("section", "main") == section]
+        sub = sorted((r for r in rows if r["world"] == world and r.get("section", "main") == section),
+                     key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         budget = next((r["budget"] for r in sub if r.get("budget")), "–")
         lines += [f"## {WORLDS[world].label}{'' if section == 'main' else f' — {section}'}", "",
                   f"Budget `{budget}` (steps, K, groups, min margin, validation seeds, held-out seeds, sampler "
