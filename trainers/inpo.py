@@ -84,7 +84,7 @@ def pair_metrics(out, model_w, model_l, ref_w, ref_l) -> dict[str, torch.Tensor]
             "ref_err_w": ref_w.mean().detach(), "ref_err_l": ref_l.mean().detach()}
 
 
-def share_winner_noise(gen: Generator, xt: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+def share_winner_noise(gen: Generator, xt: torch.Tensor, t: torch.Tensor,
                        x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-noise the losers with their winners' ε̃ (rows [winners; losers], t shared within a pair): the pair then
     differs only in content, as with Diffusion-DPO's shared ε."""
@@ -107,7 +107,7 @@ def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg
                                                              renoise_iters=renoise_iters, eta=cfg.inversion_eta)
         x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
     if cfg.pair_noise == "winner":
-        xt, target = share_winner_noise(gen, xt, t, target, x0)
+        xt, target = share_winner_noise(gen, xt, t, x0)
     return xt, t, cond, target, inverted
 
 
