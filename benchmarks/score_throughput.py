@@ -1,4 +1,4 @@
-"""Images/s of the batched CLIP-family scorer (``rewards.clip.HPSv2``) against the two bars of issue 4:
+"""Images/s of the batched CLIP-family scorer (``rewards.clip.HPSv2``) against two bars (BENCHMARKS.md, reward scoring throughput):
 
 (a) an hpsv2-package-style loop — one image per call; per call the checkpoint is re-read and loaded into the
     model, the prompt re-tokenised, one image preprocessed with torchvision and scored. Two variants:

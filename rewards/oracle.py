@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from diffalign.toyworld.prompts import COLOURS, SHAPES, parse_prompt
 from diffalign.toyworld.render import IMAGE_SIZE, shape_masks
-from rewards.base import RewardInputError, RewardModel, RewardOutput
+from rewards.base import RewardInputError, RewardOutput
+from rewards.oracle_base import ToyOracle
 
 #: Template grid: half-sizes a little beyond the rendered range (3–6.5) so slightly off-size samples still
 #: match, shapes fully inside the frame. Centres step half a pixel, except circles: their pixel sets change with
@@ -55,8 +56,10 @@ def shape_templates(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]
     return unique[:, :-1].float(), unique[:, -1].long()
 
 
-class ShapesOracle(RewardModel):
+class ShapesOracle(ToyOracle):
     """Continuous, differentiable oracle reward of the toy shapes world (see the module docstring)."""
+
+    grid_size = IMAGE_SIZE
 
     name = "shapes-oracle"
     modality = "image"
@@ -85,38 +88,6 @@ class ShapesOracle(RewardModel):
         self.register_buffer("palette", torch.tensor(list(COLOURS.values()), dtype=torch.float32),
                              persistent=False)
 
-    @classmethod
-    def from_checkpoint(cls, path: Any = None, **kwargs: Any) -> "ShapesOracle":
-        """The oracle has no weights: ``path`` must be None."""
-        if path is not None:
-            raise ValueError(f"shapes-oracle has no weights; do not pass a checkpoint (got {path})")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_config(cls, config: dict | None = None) -> "ShapesOracle":
-        return cls(**(config or {}))
-
-    # --- input -----------------------------------------------------------------------------------------
-    def _prepare(self, media: Any) -> torch.Tensor:
-        """Images of any size are resampled (antialiased, differentiably) to the 16×16 the templates use."""
-        batch = super()._prepare(media)
-        items = list(batch) if isinstance(batch, list) else None
-        if items is None:
-            return self._to_grid(batch)
-        return torch.cat([self._to_grid(x.unsqueeze(0)) for x in items])
-
-    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.palette.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        h, w = x.shape[-2:]
-        if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
-            if h % IMAGE_SIZE == 0 and w % IMAGE_SIZE == 0:  # whole blocks: plain block averages
-                x = F.adaptive_avg_pool2d(x, IMAGE_SIZE)
-            else:
-                x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                  align_corners=False)
-        return x.clamp(0, 1)
 
     def _targets(self, prompts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
         if prompts is None:

@@ -60,7 +60,8 @@ from diffalign.toyworld.compose import IMAGE_SIZE, ComposeSpec, parse_compose_pr
 from diffalign.toyworld.compose_render import RELATION_AXIS
 from diffalign.toyworld.prompts import COLOURS, SHAPES
 from diffalign.toyworld.render import shape_masks
-from rewards.base import RewardInputError, RewardModel, RewardOutput
+from rewards.base import RewardInputError, RewardOutput
+from rewards.oracle_base import ToyOracle
 
 #: Template half-sizes (px): the rendered range 3–4 with room either side for off-size samples.
 TEMPLATE_HALF_SIZES = (2.0, 5.0)
@@ -124,8 +125,10 @@ def label_components(fg: torch.Tensor) -> torch.Tensor:
     return labels.long()
 
 
-class ComposeOracle(RewardModel):
+class ComposeOracle(ToyOracle):
     """GenEval-style oracle of the compose world (see the module docstring)."""
+
+    grid_size = IMAGE_SIZE
 
     name = "compose-oracle"
     modality = "image"
@@ -155,38 +158,6 @@ class ComposeOracle(RewardModel):
         self.register_buffer("template_area", templates.sum(dim=1), persistent=False)
         self.register_buffer("palette", torch.tensor(list(COLOURS.values()), dtype=torch.float32),
                              persistent=False)
-
-    @classmethod
-    def from_checkpoint(cls, path: Any = None, **kwargs: Any) -> "ComposeOracle":
-        """The oracle has no weights: ``path`` must be None."""
-        if path is not None:
-            raise ValueError(f"compose-oracle has no weights; do not pass a checkpoint (got {path})")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_config(cls, config: dict | None = None) -> "ComposeOracle":
-        return cls(**(config or {}))
-
-    # --- input -----------------------------------------------------------------------------------------------
-    def _prepare(self, media: Any) -> torch.Tensor:
-        """Images of any size are resampled (antialiased) to the 24×24 the world is drawn at."""
-        batch = super()._prepare(media)
-        if isinstance(batch, list):
-            return torch.cat([self._to_grid(x.unsqueeze(0)) for x in batch])
-        return self._to_grid(batch)
-
-    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.palette.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        h, w = x.shape[-2:]
-        if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
-            if h % IMAGE_SIZE == 0 and w % IMAGE_SIZE == 0:
-                x = F.adaptive_avg_pool2d(x, IMAGE_SIZE)
-            else:
-                x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
-                                  align_corners=False)
-        return x.clamp(0, 1)
 
     def _specs(self, prompts: Sequence[str] | None, n: int) -> list[ComposeSpec]:
         if prompts is None:

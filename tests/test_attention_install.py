@@ -1,7 +1,7 @@
 """install/uninstall on every supported generator family: same outputs and gradients as diffusers' processors,
 fused projections agree with unfused ones, LoRA projections are never fused, uninstall restores the model exactly.
 
-Tiny models with random weights built from configs (../shared/reference/ecosystem.md §8), fp32, CPU."""
+Tiny models with random weights built from configs, as diffusers' own tests do, fp32, CPU."""
 
 from __future__ import annotations
 

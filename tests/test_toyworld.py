@@ -159,3 +159,24 @@ def test_shipped_base_loads_and_samples_16x16():
     # the scheduler the generator trains with is the shipped cosine DDPM
     assert gen.train_scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert gen.num_train_timesteps == 1000
+
+
+class _Payload:
+    """Unpickling this would call os.system; a state file must never run code on load."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/diffalign_pwned",))
+
+
+def test_a_state_file_with_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    import os
+
+    state = tmp_path / "evil.pt"
+    torch.save({"step": 1, "payload": _Payload()}, state)
+    if os.path.exists("/tmp/diffalign_pwned"):
+        os.remove("/tmp/diffalign_pwned")
+    with pytest.raises(ValueError, match="evil.pt: not a pretraining state file"):
+        pretrain(_tiny(2), tmp_path / "base", state)
+    assert not os.path.exists("/tmp/diffalign_pwned")

@@ -76,7 +76,7 @@ def test_pretrain_flow_writes_a_loadable_folder_and_resumes(tmp_path):
     cfg.steps = 5
     summary = pretrain_flow(cfg, out, state, log=logs.append)
     assert summary["step"] == 5 and any("resumed" in m and "step 3" in m for m in logs)
-    assert torch.load(state, weights_only=False)["step"] == 5
+    assert torch.load(state, weights_only=True)["step"] == 5
     second = FlowGenerator.from_pretrained(out)
     moved = any(not torch.equal(w0[k], v) for k, v in second.denoiser.state_dict().items())
     assert moved, "resumed training did not change the saved EMA weights"

@@ -1,7 +1,7 @@
 """Tiny random models built from configs, saved as real diffusers pipeline folders.
 
 Every test loads them back through the same ``from_pretrained`` path a user uses. Configs follow diffusers'
-own pipeline tests (see ../shared/reference/ecosystem.md §8); the tokenizer is a 23-token BPE written to disk,
+own pipeline tests; the tokenizer is a 23-token BPE written to disk,
 so nothing touches a hub.
 """
 

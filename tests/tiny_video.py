@@ -1,6 +1,6 @@
 """Tiny video pipeline folders (CogVideoX, Wan, pixel-space toy video) and an offline T5 tokenizer.
 
-Configs follow ../shared/reference/ecosystem.md §8 and diffusers' own pipeline tests, shrunk until a forward takes
+Configs follow diffusers' own pipeline tests, shrunk until a forward takes
 milliseconds; everything is written as a real pipeline folder and read back through ``load_generator``.
 """
 

@@ -2,7 +2,7 @@
 
 Each function takes per-sample errors (or log-probabilities, rewards, …) and returns the *per-sample* loss, so
 the loop takes the mean and a test can compare against an independent float64 computation. Conventions follow
-../shared/reference/trainers.md §0: err is the per-sample mean over all non-batch dimensions of
+the Diffusion-DPO code (Wallace et al. 2023, Eq. 14 as implemented): err is the per-sample mean over all non-batch dimensions of
 (target − prediction)², pairs share t and ε, and β is on the mean-error scale.
 """
 
@@ -52,7 +52,7 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
     return PreferenceLossOutput(loss=loss, logits=z, implicit_acc=acc, reward_margin=margin)
 
 
-# --- the trainer family (issue 5) ---------------------------------------------------------------------------------
+# --- the trainer family --------------------------------------------------------------------------------------------
 def smoothed_preference(score_w: torch.Tensor, score_l: torch.Tensor, score_min: float = 0.0,
                         score_max: float = 1.0) -> torch.Tensor:
     """SmPO's smoothed preference p (Lu et al., ICML 2025, arXiv 2506.02698, §3.2 as the code computes it):

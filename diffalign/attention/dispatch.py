@@ -1,7 +1,7 @@
 """The one attention entry point: ``attention(q, k, v, …)`` picks a kernel, or runs the one the user forced.
 
 Why a dispatcher of our own rather than diffusers' ``dispatch_attention_fn``: diffusers' switch reaches only its
-newer DiT processors (../shared/reference/attention.md §1) and silently drops arguments a backend lacks; ours is
+newer DiT processors and silently drops arguments a backend lacks; ours is
 called by every processor ``install`` puts in place, and a forced backend that cannot run a call raises
 :class:`AttentionBackendError` naming the backend and the reason — it never falls back.
 

@@ -4,7 +4,7 @@ One adapter per *family* (ε/v UNets, flow-matching transformers, …) implement
 tensor layout and ``decode``. Trainers never touch a scheduler or a text encoder directly, so every objective in
 ``trainers/`` runs unchanged on every family.
 
-Conventions (shared with ``../shared/reference/trainers.md`` §0):
+Conventions (those of Diffusion-DPO, Wallace et al. 2023, and SD3's rectified flow, Esser et al. 2024):
   * ``x0`` is the clean sample in the denoiser's space (VAE latents, or pixels in [-1, 1] for pixel-space models).
   * ``t`` is in the family's own convention: integer DDPM steps in [0, T) for UNets, σ in [0, 1] for flow models
     (σ = 1 is pure noise). ``sample_timesteps`` draws training timesteps in that convention.

@@ -66,11 +66,11 @@ def build_scheduler(num_train_timesteps: int = 1000):
 
 
 # --- saving ----------------------------------------------------------------------------------------------------
-def model_index() -> dict:
+def model_index(class_name: str = PIPELINE_CLASS) -> dict:
     import diffusers
 
     return {
-        "_class_name": PIPELINE_CLASS,
+        "_class_name": class_name,
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", "DDPMScheduler"],
@@ -78,11 +78,12 @@ def model_index() -> dict:
     }
 
 
-def save_pipeline(folder: str | Path, unet, text_encoder, scheduler, extra_files: dict[str, str] | None = None) -> Path:
+def save_pipeline(folder: str | Path, unet, text_encoder, scheduler, extra_files: dict[str, str] | None = None,
+                  class_name: str = PIPELINE_CLASS) -> Path:
     """Write a diffusers pipeline folder atomically: built beside the target, then swapped in, so a crash
     mid-save never leaves a half-written folder where the old one was."""
     components = {"unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
-    return write_pipeline_folder(folder, components, model_index(), extra_files)
+    return write_pipeline_folder(folder, components, model_index(class_name), extra_files)
 
 
 def load_pipeline_components(folder: str | Path):
@@ -116,20 +117,31 @@ def pretrain(config: PretrainConfig, out: str | Path, state_path: str | Path | N
 
     ``config.steps`` is the total step count: resuming a 3000-step state with steps=5000 trains 2000 more.
     """
+    return pretrain_unet_base(config, out, state_path, text_encoder=build_text_encoder,
+                              sample_batch=sample_training_batch, resume=resume, log=log)
+
+
+def pretrain_unet_base(config: PretrainConfig, out: str | Path, state_path: str | Path | None, *,
+                       text_encoder: Callable[[int], torch.nn.Module],
+                       sample_batch: Callable, size: int = IMAGE_SIZE, class_name: str = PIPELINE_CLASS,
+                       resume: bool = True, log: Callable[[str], None] = print) -> dict:
+    """The UNet bases' pretraining (shapes, compose): ε-prediction DDPM on batches from ``sample_batch(n, prompts,
+    generator=…)``, in the shared loop; only the data, the image size and the text encoder (built by
+    ``text_encoder(dim)`` after the UNet, so a seed gives the same initial weights) differ."""
     torch.manual_seed(config.seed)
-    unet = build_unet(config.channels, config.layers_per_block, config.heads, config.text_dim)
-    text_encoder = build_text_encoder(config.text_dim)
+    unet = build_unet(config.channels, config.layers_per_block, config.heads, config.text_dim, size=size)
+    encoder = text_encoder(config.text_dim)
     scheduler = build_scheduler(config.num_train_timesteps)
     alphas = scheduler.alphas_cumprod
 
     def batch(n, prompts, gen):
-        return sample_training_batch(n, prompts, generator=gen)
+        return sample_batch(n, prompts, generator=gen)
 
     def loss(model, encoder, x0, prompts, gen):
         return ddpm_loss(model, encoder, x0, prompts, gen, alphas)
 
     def save(folder, model, encoder):
-        save_pipeline(folder, model, encoder, scheduler)
+        save_pipeline(folder, model, encoder, scheduler, class_name=class_name)
 
-    return train_base(config, denoiser=unet, denoiser_key="unet", text_encoder=text_encoder, batch=batch,
+    return train_base(config, denoiser=unet, denoiser_key="unet", text_encoder=encoder, batch=batch,
                       loss=loss, save=save, out=out, state_path=state_path, resume=resume, log=log)

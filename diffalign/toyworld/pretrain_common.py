@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+import pickle
 import shutil
 import time
 import types
@@ -138,7 +139,11 @@ def train_base(config: PretrainSettings, *, denoiser: torch.nn.Module, denoiser_
     step, elapsed_before = 0, 0.0
 
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:  # tensors, state dicts and plain config values only: a state file never runs code on load
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{state_path}: not a pretraining state file this code wrote (refused to unpickle "
+                             f"anything but tensors and plain values): {str(exc).splitlines()[0]}") from None
         denoiser.load_state_dict(state[denoiser_key])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_model.module.load_state_dict(state[f"ema_{denoiser_key}"])

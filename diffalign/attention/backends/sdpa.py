@@ -1,6 +1,6 @@
 """PyTorch's scaled-dot-product-attention kernels, one backend per kernel plus "sdpa" (let PyTorch pick).
 
-The limits below restate PyTorch's own checks (sdp_utils.cpp; ../shared/reference/attention.md §4) so the
+The limits below restate PyTorch's own checks (``torch/csrc/.../sdp_utils.cpp`` in the PyTorch source) so the
 dispatcher can refuse a forced kernel with a reason *before* PyTorch's generic "No available kernel". They are
 conservative; anything PyTorch still refuses at run time is re-raised by the dispatcher with the backend's name.
 
