@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     import torch
+    import yaml
 
     from diffalign.generators.registry import load_generator
     from rewards import load_reward
@@ -45,8 +46,6 @@ def main(argv=None) -> int:
         if "=" not in item:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        import yaml
-
         point[key] = yaml.safe_load(value)
     world, method, budget = WORLDS[args.world], METHODS[args.method], Budget(steps=args.steps)
     spec = world.bases.get(method.family)
