@@ -6,7 +6,16 @@ Optional kernels (xformers, flash-attn; the [gpu] extra) are imported only when 
 """
 
 from .backends import AttentionBackendError
-from .dispatch import ENV_VAR, attention, attention_backend, clear_cache, explain, forced_backend, list_backends
+from .dispatch import (
+    ENV_VAR,
+    attention,
+    attention_backend,
+    clear_cache,
+    decisions,
+    explain,
+    forced_backend,
+    list_backends,
+)
 from .install import InstallReport, install, installed, uninstall
 
 __all__ = [
@@ -16,6 +25,7 @@ __all__ = [
     "attention",
     "attention_backend",
     "clear_cache",
+    "decisions",
     "explain",
     "forced_backend",
     "install",

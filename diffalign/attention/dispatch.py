@@ -8,6 +8,11 @@ called by every processor ``install`` puts in place, and a forced backend that c
 Forcing, strongest first: the ``backend=`` argument, the :func:`attention_backend` context manager, the
 ``DIFFALIGN_ATTENTION_BACKEND`` environment variable. ``"auto"`` (or unset) selects automatically.
 
+On CUDA, automatic selection is measured (``autotune.py``): the first call of a kind times every kernel that
+can run it, checks each against PyTorch's default, and keeps the fastest; elsewhere (and with
+``DIFFALIGN_ATTENTION_AUTOTUNE=0``) a fixed order applies. Every decision is logged once and listed by
+:func:`decisions`, so a run log says which kernel served each kind of call.
+
 Selection is decided once per *kind* of call — device, dtype, head dims, mask kind, causal, GQA, grad, forced
 name — and cached, so the per-call cost is building a small tuple and one dict lookup (the benchmark measures it
 against calling SDPA directly). Masks follow SDPA: broadcastable to (B, H, Sq, Sk) whatever ``layout`` is, bool
@@ -19,12 +24,14 @@ Anything differentiated twice (``create_graph=True``) must run on "math": fused 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from contextvars import ContextVar
 from typing import Iterator
 
 import torch
 
+from . import autotune
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_ORDER, AttentionBackendError, Backend, CallSpec
 
 ENV_VAR = "DIFFALIGN_ATTENTION_BACKEND"
@@ -34,6 +41,10 @@ LAYOUTS = ("bhnd", "bnhd")
 _forced: ContextVar[str | None] = ContextVar("diffalign_attention_backend", default=None)
 # key -> (backend, reason it cannot run or None, keep K/V heads unrepeated, spec)
 _decisions: dict[tuple, tuple[Backend, str | None, bool, CallSpec]] = {}
+_served: list[dict[str, str]] = []  # one entry per decision, for logs and benchmarks (``decisions()``)
+# never tuned: MATH materialises the score matrix; "cpu_flash" is the CPU kernel SDPA already picks there
+UNTUNED = ("math",)
+logger = logging.getLogger("diffalign.attention")
 
 
 def attention(
@@ -70,6 +81,8 @@ def attention(
         _spec(q, k, v, mask, causal, h_ax)  # raises the shape error
     hq, hk = q.shape[h_ax], k.shape[h_ax]
     dev = q.device
+    auto = backend in (None, "", AUTO)
+    tune = auto and autotune.enabled(dev.type)
     key = (
         dev,
         q.dtype,
@@ -83,15 +96,38 @@ def attention(
         torch.is_autocast_enabled(dev.type),
         backend,
     )
+    if tune:  # measured choices also depend on size: token counts and batch·heads, by powers of two
+        key += (autotune.size_bucket(q.shape[3 - h_ax]), autotune.size_bucket(k.shape[3 - h_ax]),
+                autotune.size_bucket(q.shape[0] * hq))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(key, q, k, v, mask, h_ax)
+        if tune and autotune.tunable_now(dev.type):
+            decision = _decide_tuned(key, q, k, v, mask, causal, scale, layout, h_ax)
+        else:
+            decision = _decide(key, q, k, v, mask, h_ax, cache=not tune)
     kernel, reason, keep_gqa, spec = decision
     if reason is not None:
         raise AttentionBackendError(
             f"attention backend {kernel.name!r} (forced by {source}) cannot run this call ({spec.describe()}): "
             f"{reason}"
         )
+    if auto:
+        return _execute(kernel, keep_gqa, spec, q, k, v, mask, causal, scale, layout, h_ax)
+    try:
+        return _execute(kernel, keep_gqa, spec, q, k, v, mask, causal, scale, layout, h_ax)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise AttentionBackendError(
+            f"attention backend {kernel.name!r} (forced by {source}) failed on this call "
+            f"({spec.describe()}): {e}"
+        ) from e
+
+
+def _execute(kernel: Backend, keep_gqa: bool, spec: CallSpec, q, k, v, mask, causal, scale, layout, h_ax):
+    """Run one kernel on a call: K/V heads repeated when it cannot take GQA, inputs cast when it does not follow
+    autocast, transposed into its layout and back."""
+    hq, hk = q.shape[h_ax], k.shape[h_ax]
     if hq != hk:
         if hq % hk:
             raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
@@ -102,18 +138,7 @@ def attention(
         q, k, v = q.to(spec.dtype), k.to(spec.dtype), v.to(spec.dtype)
     if kernel.layout != layout:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend is None or backend == AUTO or backend == "":
-        out = kernel.run(q, k, v, mask, causal, scale)
-    else:
-        try:
-            out = kernel.run(q, k, v, mask, causal, scale)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:
-            raise AttentionBackendError(
-                f"attention backend {kernel.name!r} (forced by {source}) failed on this call "
-                f"({spec.describe()}): {e}"
-            ) from e
+    out = kernel.run(q, k, v, mask, causal, scale)
     return out if kernel.layout == layout else out.transpose(1, 2)
 
 
@@ -138,7 +163,9 @@ def forced_backend() -> str | None:
 
 
 def explain(q, k, v, *, mask=None, causal=False, layout="bhnd") -> dict:
-    """Which backend automatic selection would run for this call, and why each other backend would not.
+    """Which backend the fixed order would run for this call, and why each other backend would not. (Where
+    selection is measured — CUDA by default — the kernel that actually serves a call is listed by
+    :func:`decisions` after its first call.)
 
     Returns ``{"chosen": name, "reasons": {name: None | reason}}`` (None = can run). Meant for logs, tests and
     benchmarks: the kernel that ran is part of every timing worth reporting."""
@@ -161,6 +188,7 @@ def list_backends() -> dict[str, str | None]:
 def clear_cache() -> None:
     """Forget cached decisions (after installing a kernel package in a running process)."""
     _decisions.clear()
+    _served.clear()
     for b in BACKENDS.values():
         b._available = None
 
@@ -217,8 +245,8 @@ def _auto(spec: CallSpec) -> Backend:
     return BACKENDS["sdpa"]
 
 
-def _decide(key, q, k, v, mask, h_ax):
-    name = key[-1]
+def _decide(key, q, k, v, mask, h_ax, cache: bool = True):
+    name = key[10]
     if name is not None:
         _check_name(name, f"{ENV_VAR}={name!r}" if name == os.environ.get(ENV_VAR) else "attention backend")
     spec = _spec(q, k, v, mask, key[5], h_ax)
@@ -228,5 +256,45 @@ def _decide(key, q, k, v, mask, h_ax):
         kernel = BACKENDS[name]
         reason = kernel.why_not(spec)
     decision = (kernel, reason, kernel.keeps_gqa(spec), spec)
-    _decisions[key] = decision
+    if cache:
+        _decisions[key] = decision
+        _log_decision(kernel.name, spec, q, k, h_ax, "forced" if name not in ("", AUTO, None) else "fixed order")
     return decision
+
+
+def _decide_tuned(key, q, k, v, mask, causal, scale, layout, h_ax):
+    """Automatic selection by measurement (``autotune``) among the kernels that can run this call."""
+    spec = _spec(q, k, v, mask, causal, h_ax)
+    names = [n for n, b in BACKENDS.items() if n not in UNTUNED and b.auto_ok(spec) and b.why_not(spec) is None]
+
+    def run(name: str, backward: bool):
+        b = BACKENDS[name]
+        if not backward:
+            return _execute(b, b.keeps_gqa(spec), spec, q.detach(), k.detach(), v.detach(), mask, causal, scale,
+                            layout, h_ax)
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _execute(b, b.keeps_gqa(spec), spec, qq, kk, vv, mask, causal, scale, layout, h_ax)
+            out.backward(torch.ones_like(out))
+        return out.detach()
+
+    chosen, _ = autotune.choose(names, run, "sdpa", spec.dtype, spec.device_type, spec.grad, spec.describe())
+    kernel = BACKENDS[chosen]
+    decision = (kernel, None, kernel.keeps_gqa(spec), spec)
+    _decisions[key] = decision
+    _log_decision(kernel.name, spec, q, k, h_ax, "measured")
+    return decision
+
+
+def _log_decision(name: str, spec: CallSpec, q, k, h_ax: int, how: str) -> None:
+    seq = 3 - h_ax
+    _served.append({"backend": name, "device": spec.device_type, "call": spec.describe(), "how": how,
+                    "shape": f"B{q.shape[0]} H{q.shape[h_ax]}/{k.shape[h_ax]} Nq{q.shape[seq]} Nk{k.shape[seq]} "
+                             f"D{q.shape[-1]}"})
+    logger.info("attention: %s serves %s (%s; first call %s)", name, spec.describe(), how, _served[-1]["shape"])
+
+
+def decisions() -> list[dict[str, str]]:
+    """Every kernel decision made in this process: backend, device, the kind of call it serves, the shape of the
+    first call of that kind, and how it was chosen ("measured", "fixed order", "forced"). For run logs."""
+    return [dict(d) for d in _served]
