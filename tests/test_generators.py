@@ -79,15 +79,14 @@ def test_classifier_free_guidance_changes_output_and_one_is_conditional(folders)
     assert not torch.allclose(cond_only, guided)
 
 
-def test_ddim_step_log_prob_matches_gaussian_density(folders):
+def test_ddim_step_log_prob_is_that_of_the_drawn_sample(folders):
     gen = load_generator(folders["toy"])
     x, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    sample, logp = gen.ddim_step(x, pred, 0.3, 0.6, eta=1.0, generator=torch.Generator().manual_seed(0))
+    step = gen.sampler_step(x, pred, 700, 500, eta=1.0, generator=torch.Generator().manual_seed(0))
     # re-evaluating the density of the drawn sample gives the same value
-    _, again = gen.ddim_step(x, pred, 0.3, 0.6, eta=1.0, prev_sample=sample)
-    torch.testing.assert_close(logp, again)
-    deterministic, none = gen.ddim_step(x, pred, 0.3, 0.6, eta=0.0)
-    assert none is None
+    again = gen.sampler_step(x, pred, 700, 500, eta=1.0, prev_sample=step.prev_sample)
+    torch.testing.assert_close(step.log_prob, again.log_prob)
+    assert gen.sampler_step(x, pred, 700, 500, eta=0.0).log_prob is None
 
 
 @pytest.mark.parametrize("name", ["toy", "sd3"])
@@ -120,7 +119,8 @@ def test_inversion_noise_has_the_forward_transition_std(folders, name):
     gen = load_generator(folders[name])
     x0 = torch.rand(4, *gen.sample_noise(1, torch.Generator().manual_seed(0)).shape[1:]) * 2 - 1
     cond = gen.encode(["a red circle"] * 4 if name == "toy" else ["low"] * 4)
-    first = min(gen._grid(5)[0]) if name == "toy" else min(s for s in gen.sigmas(5) if s > 0)
+    grid = gen.sampler_timesteps(5)[:-1]
+    first = int(grid.min()) if name == "toy" else float(grid.min())
     plain = gen.invert(x0, cond, 5, until=first)
     noisy = gen.invert(x0, cond, 5, until=first, eta=0.5, generator=torch.Generator().manual_seed(3))
     again = gen.invert(x0, cond, 5, until=first, eta=0.5, generator=torch.Generator().manual_seed(3))

@@ -38,11 +38,12 @@ def test_cosine_v_parametrisation(folder):
 def test_grid_matches_the_scheduler_preconditioning(folder):
     """τ = atan(σ)·2/π on the exponential σ grid from σ_max = 500 to σ_min = 0.3, ending at σ = 0 (ᾱ = 1)."""
     gen = load_generator(folder)
-    ts, alphas, final = gen._grid(4)
+    ts = gen.sampler_timesteps(4)
     sig = torch.linspace(math.log(0.3), math.log(500.0), 4, dtype=torch.float64).exp().flip(0)
-    torch.testing.assert_close(torch.tensor(ts, dtype=torch.float64), sig.atan() * 2 / math.pi)
-    torch.testing.assert_close(torch.tensor(alphas, dtype=torch.float64), 1 / (1 + sig ** 2))
-    assert final == 1.0
+    torch.testing.assert_close(ts[:-1].double(), sig.atan() * 2 / math.pi)
+    alpha, sigma = gen.noise_schedule(ts)
+    torch.testing.assert_close(alpha[:-1] ** 2, 1 / (1 + sig ** 2), rtol=2e-4, atol=0)  # τ is stored in float32
+    assert float(ts[-1]) == 0.0 and float(alpha[-1]) == 1.0 and float(sigma[-1]) == 0.0
 
 
 def test_sample_returns_waveforms_and_log_probs(folder):

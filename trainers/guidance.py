@@ -1,9 +1,9 @@
 """Inference-time alignment: Flow-NRG reward guidance and NPO negative-branch guidance.
 
-Neither changes weights; both change the prediction the sampler steps with. They hook the generator's
-``guided_prediction`` (what both families' ``sample`` calls once per step) for the duration of one ``sample``
-call, so the grid, the CFG arithmetic, η and the trajectory/log-prob bookkeeping stay exactly the sampler's own —
-which is why a zero reward gradient reproduces plain sampling bit for bit.
+Neither changes weights; both change the prediction the sampler steps with. They pass a ``prediction_fn`` to the
+generator's ``sample`` (the seam's supported hook), so the grid, the CFG arithmetic, η and the trajectory/log-prob
+bookkeeping stay exactly the sampler's own — which is why a zero reward gradient reproduces plain sampling bit for
+bit — and they run on every family whose maths allows it (``Generator.require`` names the ones that cannot).
 
 The returned samplers look like the generator to ``trainers.evaluate.evaluate_generator``: ``sample`` is the
 guided sampler, and inside ``adapters_disabled()`` it is the plain base sampler, so "tuned vs base" becomes
@@ -18,17 +18,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from diffalign.generators.base import Conditioning, Generator, SampleOutput
-
-
-@contextlib.contextmanager
-def _hooked(gen: Generator, prediction) -> Iterator[None]:
-    if not callable(getattr(type(gen), "guided_prediction", None)):
-        raise TypeError(f"{type(gen).__name__} has no guided_prediction step hook; guidance cannot wrap its sampler")
-    gen.__dict__["guided_prediction"] = prediction  # an instance attribute shadows the method for this call only
-    try:
-        yield
-    finally:
-        gen.__dict__.pop("guided_prediction", None)
 
 
 class _GuidedSampler:
@@ -58,38 +47,29 @@ class _GuidedSampler:
         if self._plain:
             return self.gen.sample(prompts, steps, guidance, **kwargs)
         self._prompts = list(prompts)
-        original = type(self.gen).guided_prediction.__get__(self.gen)
         try:
-            with _hooked(self.gen, lambda x, t, cond, uncond, w: self._prediction(original, x, t, cond, uncond, w)):
-                return self.gen.sample(prompts, steps, guidance, **kwargs)
+            return self.gen.sample(prompts, steps, guidance, prediction_fn=self.prediction, **kwargs)
         finally:
             self._prompts = None
 
-    def _prediction(self, original, x, t, cond, uncond, w):  # overridden
-        return original(x, t, cond, uncond, w)
+    def prediction(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                   w: float) -> torch.Tensor:
+        """What each sampler step uses (the generator's ``prediction_fn``); overridden by the guidance kinds."""
+        return self.gen.guided_prediction(x, t, cond, uncond, w)
 
 
 # --- Flow-NRG ------------------------------------------------------------------------------------------------------
-def differentiable_decode(gen: Generator, x0: torch.Tensor) -> torch.Tensor:
-    """``gen.decode`` with the graph kept: the families decode under no_grad to save memory at sampling time."""
-    vae = getattr(gen, "vae", None)
-    if vae is None:
-        return ((x0.float() + 1) / 2).clamp(0, 1)
-    cfg = vae.config
-    lat = x0.to(vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return ((vae.decode(lat).sample.float() + 1) / 2).clamp(0, 1)
-
-
 class RewardGuidance(_GuidedSampler):
     """Flow-NRG (Liu et al., arXiv 2501.13918, §4.3): at every step the prediction is moved along the gradient of
     a differentiable reward, v̂ = v − w·∇_{x_σ} Σ_k λ_k r_k, so the Euler step x − Δσ·v̂ climbs the reward.
 
     The paper's reward is a time-dependent latent model r_φ(x_σ, σ, c); here any RewardModel that supports
     ``differentiable=True`` is evaluated on the one-step estimate x̂0(x_σ) with the network's prediction held
-    fixed (no backprop through the denoiser: one reward gradient per step, the cost of a latent reward). For the
-    UNet family the same gradient is applied as classifier guidance, ε̂ = ε − w·√(1 − ᾱ_t)·∇ r (v-prediction:
-    divided by √ᾱ_t). ``weights`` are λ over the reward's ``dims`` for multi-dimensional rewards; without them
-    the reward's combined score is used.
+    fixed (no backprop through the denoiser: one reward gradient per step, the cost of a latent reward), through
+    the family's own differentiable ``decode``. How the gradient enters the prediction is the generator's
+    ``steer_prediction``: v̂ = v − w·∇ for flow families, classifier guidance ε̂ = ε − w·σ_t·∇ (in the family's
+    prediction type) for VP families. ``weights`` are λ over the reward's ``dims`` for multi-dimensional rewards;
+    without them the reward's combined score is used.
     """
 
     def __init__(self, gen: Generator, reward, scale: float, weights: Mapping[str, float] | None = None):
@@ -102,15 +82,14 @@ class RewardGuidance(_GuidedSampler):
             if unknown:
                 raise ValueError(f"guidance weights name dimensions {unknown} that reward "
                                  f"{getattr(reward, 'name', '?')!r} does not have (dims: {list(reward.dims)})")
-        if gen.family not in ("flow", "unet"):
-            raise ValueError(f"reward guidance supports the flow and unet families, not {gen.family!r}")
+        gen.require("differentiable_decode", "reward guidance")
         self.reward, self.scale, self.weights = reward, float(scale), dict(weights or {})
 
     def reward_gradient(self, x: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         """∇_x of the (weighted) reward of x̂0(x, t) with the prediction held fixed."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            media = differentiable_decode(self.gen, self.gen.predict_x0(xg, t, prediction.detach()))
+            media = self.gen.decode(self.gen.predict_x0(xg, t, prediction.detach()), differentiable=True)
             out = self.reward.score_dims(media, self._prompts, differentiable=True)
             if self.weights:
                 r = sum(w * out.per_dim[k].float() for k, w in self.weights.items())
@@ -119,41 +98,14 @@ class RewardGuidance(_GuidedSampler):
             (grad,) = torch.autograd.grad(r.sum(), xg, allow_unused=True)
         return torch.zeros_like(x) if grad is None else grad.to(x.dtype)
 
-    def _prediction(self, original, x, t, cond, uncond, w):
-        pred = original(x, t, cond, uncond, w)
+    def prediction(self, x, t, cond, uncond, w):
+        pred = self.gen.guided_prediction(x, t, cond, uncond, w)
         if self.scale == 0.0:
             return pred
-        grad = self.reward_gradient(x, t, pred)
-        gen = self.gen
-        if gen.family == "flow":
-            return pred - self.scale * grad
-        a = gen.alphas_cumprod.to(x.device)[t.long()].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        step = self.scale * (1 - a).sqrt() * grad
-        return pred - (step if gen.prediction_type == "epsilon" else step / a.sqrt())
+        return self.gen.steer_prediction(x, t, pred, self.reward_gradient(x, t, pred), self.scale)
 
 
 # --- NPO guidance --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def active_adapter(gen: Generator, adapter: str | None) -> Iterator[None]:
-    """Run the denoiser with only ``adapter`` active (None: every adapter off — the base model)."""
-    if adapter is None:
-        with gen.adapters_disabled():
-            yield
-        return
-    den = gen.denoiser
-    known = list(getattr(den, "peft_config", {}) or {})
-    if adapter not in known:
-        raise KeyError(f"no LoRA adapter {adapter!r} on the denoiser (loaded: {known or 'none'}); load it with "
-                       f"diffalign.generators.lora.load_lora(gen, folder, adapter_name={adapter!r})")
-    previous = list(den.active_adapters())
-    den.enable_adapters()
-    den.set_adapters([adapter])
-    try:
-        yield
-    finally:
-        den.set_adapters(previous)
-
-
 class NPOGuidance(_GuidedSampler):
     """Negative-branch CFG (Diffusion-NPO, Wang et al., ICLR 2025; Self-NPO, arXiv 2505.11777):
 
@@ -167,19 +119,20 @@ class NPOGuidance(_GuidedSampler):
 
     def __init__(self, gen: Generator, negative: str | Generator = "default", positive: str | None = None):
         super().__init__(gen)
+        gen.require("unconditional_branch", "NPO guidance")
         self.negative, self.positive = negative, positive
         if isinstance(negative, str):
-            with active_adapter(gen, negative):  # fail now, with the adapter names, not mid-sampling
+            with gen.adapter_only(negative):  # fail now, with the adapter names, not mid-sampling
                 pass
 
     def _predict_negative(self, x, t, uncond: Conditioning) -> torch.Tensor:
         if isinstance(self.negative, str):
-            with active_adapter(self.gen, self.negative):
+            with self.gen.adapter_only(self.negative):
                 return self.gen.predict(x, t, uncond)
         return self.negative.predict(x, t, uncond)
 
-    def _prediction(self, original, x, t, cond, uncond, w):
-        with active_adapter(self.gen, self.positive):
+    def prediction(self, x, t, cond, uncond, w):
+        with self.gen.adapter_only(self.positive):
             pos = self.gen.predict(x, t, cond)
         if uncond is None or w == 1.0:
             return pos

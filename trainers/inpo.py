@@ -3,8 +3,9 @@
 InPO replaces Diffusion-DPO's fresh forward noise by the latent the *current* model's DDIM inversion assigns
 to each image: x̃_t = DDIM-Inv_θ(x0, c) run over the inverse grid points ≤ t, and the target by the ε̃ that
 reparametrises it, ε̃ = (x̃_t − √ᾱ_t·x0)/√(1 − ᾱ_t). The inversion is per image (winner and loser each get their
-own x̃), while t is shared within a pair. Everything goes through the Generator seam, so it runs on both
-families: for flow models x̃ is the backwards ODE and ε̃ = (x̃ − (1 − σ)·x0)/σ, with the velocity target ε̃ − x0.
+own x̃), while t is shared within a pair. Everything goes through the Generator seam (its sampler grid, noise
+schedule and inversion), so it runs on every family: for flow models x̃ is the backwards ODE and
+ε̃ = (x̃ − (1 − σ)·x0)/σ, with the velocity target ε̃ − x0.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ from trainers.losses import inpo_loss
 
 
 def inversion_grid(gen: Generator, steps: int) -> list[float]:
-    """The grid points ``gen.invert`` visits, ascending (DDIM timesteps, or σ for flow models)."""
-    if gen.family == "unet":
-        return sorted(float(t) for t in gen._grid(steps)[0])  # the sampler's own DDIM grid
-    if gen.family == "flow":
-        return sorted(s for s in gen.sigmas(steps) if s > 0)
-    raise ValueError(f"inversion objectives support the unet and flow families, not {gen.family!r}")
+    """The grid points ``gen.invert`` visits, ascending: the sampler's own timesteps (DDIM steps, τ or σ)."""
+    return sorted(float(t) for t in gen.sampler_timesteps(steps)[:-1])
 
 
 def reparametrised_noise(gen: Generator, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε̃ with add_noise(x0, ε̃, t) == x̃_t, read off the seam: add_noise is affine in the noise, so
-    ε̃ = (x̃_t − add_noise(x0, 0, t)) / add_noise(0, 1, t) — √ᾱ/√(1−ᾱ) for DDPM, (1 − σ)/σ for flows."""
-    mean = gen.add_noise(x0, torch.zeros_like(x0), t)
-    scale = gen.add_noise(torch.zeros_like(x0), torch.ones_like(x0), t)
-    return (xt - mean) / scale
+    """ε̃ with add_noise(x0, ε̃, t) == x̃_t: ε̃ = (x̃_t − α_t·x0)/σ_t from the seam's noise schedule — √ᾱ/√(1−ᾱ) for
+    DDPM, (1 − σ)/σ for flows."""
+    alpha, sigma = gen.noise_schedule(t)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    alpha, sigma = alpha.to(xt.device, xt.dtype).view(view), sigma.to(xt.device, xt.dtype).view(view)
+    return (xt - alpha * x0) / sigma
 
 
 def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, inversion_steps: int,

@@ -4,8 +4,9 @@ Each sampling round draws ``samples_per_prompt`` stochastic trajectories (η > 0
 has a log-density) per prompt of the batch with the current weights — these are θ_old — scores the final images
 with any RewardModel, and stores per-step log-densities under θ_old and under the reference. The next
 ``inner_steps`` loss calls reuse that round: the policy's log-density of the *stored* transitions is evaluated
-with ``ddim_step(..., prev_sample=…)`` / ``euler_step(..., prev_sample=…)``, the same sampler, grid and CFG scale
-that drew them, and ``prdp_loss`` regresses reward differences of same-prompt pairs on the log-ratio sums.
+with the seam's ``sampler_step(..., prev_sample=…)`` on ``sampler_timesteps``, with the sampler's own prediction
+arithmetic (``guided_prediction``), so the same sampler, grid and CFG scale that drew them, on every family; and
+``prdp_loss`` regresses reward differences of same-prompt pairs on the log-ratio sums.
 
 Choices where the paper (no code released) is silent:
 * ``inner_steps`` counts loss calls: with gradient accumulation A a round feeds inner_steps / A optimizer steps.
@@ -13,6 +14,8 @@ Choices where the paper (no code released) is silent:
 * Log-densities are per-dimension means (the sampler's convention), so β and the clip ε are on that scale.
 * Steps with zero variance (the last DDIM step to ᾱ = 1, the last Euler step to σ = 0) have no density; they are
   left out of r̂, which is the same as counting them with log-ratio 0.
+* Guidance-distilled transformers (FLUX.1-dev) take the scale as an input: their one conditional forward is
+  re-evaluated the same way, through ``guided_prediction``.
 * No extra KL term to the pretrained model (the paper's optional regulariser).
 * After a resume the first call samples a fresh round (the stored round is not checkpointed).
 """
@@ -24,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from diffalign.generators.base import Conditioning, Generator
+from diffalign.generators.base import Conditioning, Generator, cfg_prediction
 from trainers.config import PRDPConfig
 from trainers.losses import prdp_loss
 
@@ -39,44 +42,31 @@ def collate_prompts(rows: Sequence[str]) -> dict[str, Any]:
     return {"prompt": list(rows)}
 
 
-def guided(predict: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-           scale: float) -> torch.Tensor:
-    """u + w·(c − u) with one batched forward — the same arithmetic as the samplers' ``guided_prediction``."""
-    if uncond is None or scale == 1.0:
-        return predict(x, t, cond)
-    u, c = predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond])).chunk(2)
-    return u + scale * (c - u)
+#: u + w·(c − u) with any ``predict`` — the samplers' CFG arithmetic (kept for callers of the old name)
+guided = cfg_prediction
 
 
 class SamplerSchedule:
-    """The sampler's grid for ``steps``, and the log-density of one stored transition under a prediction."""
+    """The sampler's grid for ``steps`` (the seam's ``sampler_timesteps``), the prediction a step uses and the
+    log-density of one stored transition under it (the seam's ``sampler_step``)."""
 
     def __init__(self, gen: Generator, steps: int, eta: float):
         self.gen, self.eta = gen, eta
-        if gen.family == "unet":
-            ts, alphas, final = gen._grid(steps)  # exactly the grid ``sample`` walks
-            self.t = ts
-            self.a = alphas + [final]
-        elif gen.family == "flow":
-            self.sig = gen.sigmas(steps)
-            self.t = self.sig[:-1]
-        else:
-            raise ValueError(f"prdp supports the unet and flow families, not {gen.family!r}")
+        self.t = gen.sampler_timesteps(steps)
 
     def __len__(self) -> int:
-        return len(self.t)
+        return len(self.t) - 1
 
     def timestep(self, i: int, n: int, device) -> torch.Tensor:
-        if self.gen.family == "unet":
-            return torch.full((n,), self.t[i], device=device, dtype=torch.long)
-        return torch.full((n,), self.t[i], device=device)
+        return self.t[i].to(device).repeat(n)
+
+    def prediction(self, predict: Callable, x: torch.Tensor, i: int, cond: Conditioning,
+                   uncond: Conditioning | None, scale: float) -> torch.Tensor:
+        """The prediction step ``i`` of the sampler uses, with ``predict`` as the network (policy or reference)."""
+        return self.gen.guided_prediction(x, self.timestep(i, x.shape[0], x.device), cond, uncond, scale, predict)
 
     def log_prob(self, i: int, x: torch.Tensor, pred: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
-        if self.gen.family == "unet":
-            return self.gen.ddim_step(x, pred, self.a[i], self.a[i + 1], self.eta, prev_sample=prev)[1]
-        sig = self.sig
-        return self.gen.euler_step(x, pred, sig[i], sig[i + 1], self.eta, prev_sample=prev,
-                                   sigma_max=sig[1] if len(sig) > 2 else 0.0)[1]
+        return self.gen.sampler_step(x, pred, self.t[i], self.t[i + 1], eta=self.eta, prev_sample=prev).log_prob
 
 
 class PRDP:
@@ -131,17 +121,15 @@ class PRDP:
         self.samples_drawn += n
         self.reward_calls += n
         sched = SamplerSchedule(gen, cfg.sample_steps, cfg.eta)
-        cond = gen.encode(flat)
-        uncond = gen.null_conditioning(n) if cfg.guidance != 1.0 else None
+        cond, uncond = gen.sampling_conditions(flat, cfg.guidance)
         traj = out.trajectory
         logp_old, logp_ref, stochastic = [], [], []
         for i in range(len(sched)):
-            t = sched.timestep(i, n, device)
             x, prev = traj[:, i], traj[:, i + 1]
-            old = sched.log_prob(i, x, guided(gen.predict, x, t, cond, uncond, cfg.guidance), prev)
+            old = sched.log_prob(i, x, sched.prediction(gen.predict, x, i, cond, uncond, cfg.guidance), prev)
             if old is None:
                 continue
-            ref = sched.log_prob(i, x, guided(reference.predict, x, t, cond, uncond, cfg.guidance), prev)
+            ref = sched.log_prob(i, x, sched.prediction(reference.predict, x, i, cond, uncond, cfg.guidance), prev)
             stochastic.append(i)
             logp_old.append(old.float())
             logp_ref.append(ref.float())
@@ -167,13 +155,11 @@ class PRDP:
         chosen = sorted(torch.randperm(len(steps), generator=rng)[:m].tolist())
         scale = len(steps) / m  # r̂ estimates the sum over every stochastic step
         sched, traj = r["schedule"], r["traj"]
-        n = traj.shape[0]
         ratios = []
         for c in chosen:
             i = steps[c]
             x, prev = traj[:, i], traj[:, i + 1]
-            t = sched.timestep(i, n, x.device)
-            pred = guided(gen.predict, x, t, r["cond"], r["uncond"], cfg.guidance)
+            pred = sched.prediction(gen.predict, x, i, r["cond"], r["uncond"], cfg.guidance)
             ratios.append(sched.log_prob(i, x, pred, prev).float() - r["logp_ref"][:, c])
         logratio = torch.stack(ratios, 1) * scale
         old = (r["logp_old"][:, chosen] - r["logp_ref"][:, chosen]) * scale

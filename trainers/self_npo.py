@@ -11,7 +11,13 @@ Choices where the paper is silent or the loop differs from its script:
 * The teacher is a frozen copy of the denoiser made at the first step (the base on a fresh run) and EMA-updated
   whenever the optimizer has changed the student — detected by the parameters' version counters, because the
   shared loop has no post-step hook. After a resume the teacher restarts from the resumed student.
-* UNet (DDPM) family only: the truncated solver and the re-noising are written on the ᾱ schedule.
+* Every family with an unconditional branch: the grid is the sampler's own ``sampler_timesteps(ddim_steps)``
+  (the paper's DDIM grid for DDPM families, the shifted σ grid for flows), the teacher walks it with the seam's
+  deterministic ``sampler_step``, and the re-noising uses the seam's noise schedule — so it is written once.
+  The teacher stops at the grid's last model timestep (its x̂0 there is the target), so a row starting there
+  takes no step; a row takes min(solver_steps, steps left to that point) steps.
+* t′ is uniform in the family's own time (``sample_timesteps_above``): U{t_e + 1 … T − 1} for DDPM, U(σ_e, 1)
+  for flows.
 """
 
 from __future__ import annotations
@@ -77,47 +83,46 @@ class SelfNPO:
 
     # --- the objective ------------------------------------------------------------------------------------------
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
-        if gen.family != "unet":
-            raise ValueError(f"self_npo trains DDPM-family (unet) generators, not {gen.family!r}")
+        gen.require("unconditional_branch", "self_npo")
         self._update_teacher(gen)
         cfg = self.cfg
         x0 = gen.encode_media(batch["image"])
         b, dev = x0.shape[0], x0.device
-        total = gen.num_train_timesteps
-        stride = total // cfg.ddim_steps
-        grid = (torch.arange(1, cfg.ddim_steps + 1) * stride - 1).to(dev)
-        ac = gen.alphas_cumprod.to(dev)
         view = (-1,) + (1,) * (x0.dim() - 1)
+        grid = gen.sampler_timesteps(cfg.ddim_steps).to(dev)  # S model timesteps, descending, then the end
+        last = len(grid) - 2  # the last model timestep: the teacher's x̂0 is read there at the latest
 
-        index = torch.randint(0, cfg.ddim_steps, (b,), generator=rng).to(dev)
+        pos = torch.randint(0, last + 1, (b,), generator=rng).to(dev)
+        start = pos.clone()
         noise = torch.randn(x0.shape, generator=rng).to(dev, x0.dtype)
-        t = grid[index]
-        x = gen.add_noise(x0, noise, t)
+        x = gen.add_noise(x0, noise, grid[pos])
         uncond = gen.null_conditioning(b)
+        todo = (last - pos).clamp(max=cfg.solver_steps)  # steps each row takes
         with torch.no_grad(), gen.running(self.teacher):
-            remaining = torch.minimum(index + 1, torch.full_like(index, cfg.solver_steps))  # steps each row takes
-            for step in range(cfg.solver_steps + 1):
-                target = gen.predict_x0(x, t, gen.predict(x, t, uncond))
-                if step == cfg.solver_steps:
+            step = 0
+            while True:
+                pred = gen.predict(x, grid[pos], uncond)
+                target = gen.predict_x0(x, grid[pos], pred)
+                move = todo > step
+                if not bool(move.any()):
                     break
-                move = remaining > step
-                a = ac[t].view(view)
-                eps = (x - a.sqrt() * target) / (1 - a).sqrt()
-                t_prev = torch.where(t - stride >= 0, t - stride, torch.zeros_like(t))
-                a_prev = ac[t_prev].view(view)
-                x_prev = a_prev.sqrt() * target + (1 - a_prev).sqrt() * eps
-                x = torch.where(move.view(view), x_prev.to(x.dtype), x)
-                t = torch.where(move, t_prev, t)
-        # re-noise x_{t_e} forward to t' ~ U{t_e + 1 … T − 1} with fresh noise (VP-consistent)
-        u = torch.rand(b, generator=rng).to(dev)
-        t_new = (t + 1 + (u * (total - 1 - t).clamp(min=1)).long()).clamp(max=total - 1)
-        a_e, a_n = ac[t].view(view), ac[t_new].view(view)
-        nsr_e, nsr_n = ((1 - a_e) / a_e).sqrt(), ((1 - a_n) / a_n).sqrt()
+                nxt = torch.where(move, pos + 1, pos)
+                x_next = gen.sampler_step(x, pred, grid[pos], grid[nxt]).prev_sample
+                x = torch.where(move.view(view), x_next.to(x.dtype), x)
+                pos, step = nxt, step + 1
+        # re-noise x_{t_e} = α_e·x0 + σ_e·ε forward to a noisier t′ with fresh noise, consistently with the
+        # forward process: x′ = (α′/α_e)·x + √(σ′² − (α′σ_e/α_e)²)·ε′ = α′·x0 + σ′·(…) with total std σ′
+        t_end = grid[pos]
+        t_new = gen.sample_timesteps_above(t_end, generator=rng)
+        a_e, s_e = gen.noise_schedule(t_end)
+        a_n, s_n = gen.noise_schedule(t_new)
+        ratio = a_n / a_e.clamp(min=1e-12)
+        extra = (s_n ** 2 - (ratio * s_e) ** 2).clamp(min=0).sqrt()
         fresh = torch.randn(x0.shape, generator=rng).to(dev, x0.dtype)
-        x_new = a_n.sqrt() * (x / a_e.sqrt() + (nsr_n ** 2 - nsr_e ** 2).clamp(min=0).sqrt() * fresh)
+        x_new = ratio.to(dev, x.dtype).view(view) * x + extra.to(dev, x.dtype).view(view) * fresh
         cond = gen.encode(list(batch["prompt"]))
         student = gen.predict_x0(x_new, t_new, gen.predict(x_new, t_new, cond))
         loss = self_npo_loss(student, target, cfg.huber_c)
-        metrics = {"t_start": (grid[index].float().mean()), "t_end": t.float().mean(),
+        metrics = {"t_start": grid[start].float().mean(), "t_end": t_end.float().mean(),
                    "t_student": t_new.float().mean()}
         return loss.mean(), metrics

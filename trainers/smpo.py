@@ -47,6 +47,7 @@ class SmPO:
         return smoothed_preference(sw, sl, self.cfg.score_min, self.cfg.score_max).to(device)
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
+        gen.require("scored_pair_media", "smpo")
         p = self.preference(batch, gen.device)
         xt, t, cond, target, inverted = pair_inputs(gen, batch, rng, self.cfg, self.paths,
                                                     renoise_iters=self.cfg.renoise_iters)

@@ -291,14 +291,14 @@ class AudioLDM2Generator(UNetGenerator):
                                   encoder_attention_mask_1=cond.extra["text_mask"]).sample
 
     # --- media: waveform [B, 1, T] -------------------------------------------------------------------------------
-    def decode_mel(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_mel(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         """Latents -> log-mel [B, 1, frames, n_mels] (the VAE's output, the vocoder's input)."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        mel = self.decode_mel(latents)
-        with torch.no_grad():
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        mel = self.decode_mel(latents, differentiable)
+        with torch.set_grad_enabled(differentiable):
             audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))
         if audio.dim() == 1:
             audio = audio.unsqueeze(0)

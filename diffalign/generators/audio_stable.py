@@ -177,15 +177,20 @@ class StableAudioGenerator(UNetGenerator):
         """τ ~ U(0, 1): uniform over the cosine schedule's angle, as v-diffusion models are trained."""
         return torch.rand(batch, generator=generator).to(self.device)
 
-    def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        a = torch.cos(t.to(like.device, torch.float64) * math.pi / 2) ** 2
-        return a.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(low.shape[0], generator=generator).to(low.device)
+        low = low.float()
+        return (low + u * (1 - low)).clamp(max=1 - 1e-6)
 
-    def _grid(self, steps: int) -> tuple[list[float], list[float], float]:
-        """τ and ᾱ on the scheduler's σ grid (σ_max … σ_min, then 0): τ = atan(σ)·2/π, ᾱ = 1/(1+σ²)."""
-        *sigmas, last = self.train_scheduler.sigmas(steps)
-        return ([math.atan(s) * 2 / math.pi for s in sigmas], [1.0 / (1.0 + s * s) for s in sigmas],
-                1.0 / (1.0 + last * last))
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ(τ) = cos²(πτ/2) [B] in float64."""
+        t = torch.as_tensor(t).reshape(-1)
+        return torch.cos(t.to(torch.float64) * math.pi / 2) ** 2
+
+    def sampler_timesteps(self, steps: int) -> torch.Tensor:
+        """τ = atan(σ)·2/π on the scheduler's σ grid (σ_max … σ_min, then its final σ: 0, i.e. τ = 0, ᾱ = 1)."""
+        sigmas = self.train_scheduler.sigmas(steps)
+        return torch.tensor([math.atan(s) * 2 / math.pi for s in sigmas], dtype=self.timestep_dtype)
 
     def _rotary(self, length: int, device):
         key = (length, device)
@@ -206,8 +211,8 @@ class StableAudioGenerator(UNetGenerator):
                                   rotary_embedding=self._rotary(xt.shape[2] + glob.shape[1], xt.device)).sample
 
     # --- media: waveform [B, channels, T] in [-1, 1] ------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(differentiable):
             audio = self.vae.decode(latents.to(self.vae.dtype)).sample
         return audio.float().clamp(-1, 1)
 

@@ -9,20 +9,41 @@ Conventions (those of Diffusion-DPO, Wallace et al. 2023, and SD3's rectified fl
   * ``t`` is in the family's own convention: integer DDPM steps in [0, T) for UNets, σ in [0, 1] for flow models
     (σ = 1 is pure noise). ``sample_timesteps`` draws training timesteps in that convention.
   * ``target(x0, ε, t)`` is what the network regresses: ε, v = √ᾱ·ε − √(1−ᾱ)·x0, or the velocity ε − x0.
+
+The sampler is public too, so trainers never read an adapter's private state (docs/families.md has the table of
+which method runs on which family, and why some refuse):
+  * ``noise_schedule(t)`` -> (α_t, σ_t) with x_t = α_t·x0 + σ_t·ε (√ᾱ, √(1−ᾱ) for DDPM; 1 − σ, σ for flows);
+  * ``sampler_timesteps(steps)`` -> the S model timesteps the sampler visits, descending, then where it ends;
+  * ``sampler_step(x, prediction, t, t_next, eta=…)`` -> one step with its Gaussian log-density (``StepOutput``);
+  * ``sample(..., prediction_fn=…)`` steps with a modified prediction (guidance, NPO) instead of the model's own;
+  * ``invert(x0, cond, steps)`` runs the deterministic sampler backwards;
+  * ``missing(capability)`` says why a family cannot serve a method (``require`` turns that into the error).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+#: What a method may need beyond the core seam; a family lacking one says why in ``Generator.capability_gaps``.
+CAPABILITIES = {
+    "unconditional_branch": "an unconditional prediction (the negative branch of classifier-free guidance)",
+    "differentiable_decode": "gradients through decode (latents -> media)",
+    "scored_pair_media": "preference pairs stored as media a reward model can score",
+}
+
+#: ``prediction_fn(x, t, cond, uncond, guidance) -> prediction``: what ``sample`` steps with at each timestep.
+PredictionFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -85,6 +106,60 @@ class SampleOutput:
     log_probs: torch.Tensor | None = None
 
 
+@dataclass
+class StepOutput:
+    """One sampler step x_t -> x_next, as ``Generator.sampler_step`` returns it.
+
+    The step is the Gaussian N(``mean``, ``std``²) (``std`` broadcasts against x; 0 for a deterministic step).
+    ``prev_sample`` is x_next: drawn from that Gaussian, or the ``prev_sample`` the caller passed in (to evaluate
+    the density of a stored transition). ``log_prob`` [B] is log N(prev_sample; mean, std²) **averaged** over the
+    non-batch dimensions (the DDPO / Flow-GRPO convention, so β and clip ranges do not scale with resolution);
+    it is None when the whole step is deterministic (η = 0), and 0 for rows whose own std is 0. The mean keeps
+    the prediction's graph and the sample is detached in the density, so ∇ log_prob flows to the model only.
+    """
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+
+
+def gaussian_step(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None,
+                  prev_sample: torch.Tensor | None = None, stochastic: bool = True) -> StepOutput:
+    """Draw (or take) x_next ~ N(mean, std²) and its per-sample mean log-density — the part of every family's
+    ``sampler_step`` that does not depend on the family. ``stochastic=False`` (η = 0) returns the mean."""
+    std = std.to(mean.dtype)
+    rows = std.reshape(std.shape[0], -1)[:, 0] > 0 if std.dim() else (std > 0).expand(mean.shape[0])
+    if not stochastic or not bool(rows.any()):
+        return StepOutput(prev_sample=mean, mean=mean, std=torch.zeros_like(std), log_prob=None)
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std * noise
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    logp = (-((prev_sample.detach() - mean) ** 2) / (2 * safe ** 2) - safe.log() - 0.5 * math.log(2 * math.pi))
+    logp = torch.where(rows.to(logp.device), logp.flatten(1).mean(dim=1), torch.zeros((), device=logp.device,
+                                                                                      dtype=logp.dtype))
+    return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=logp)
+
+
+def per_row(t: torch.Tensor | float | int, n: int, device) -> torch.Tensor:
+    """A timestep given as a scalar, a 0-d or a [n] tensor -> a [n] tensor on ``device`` (Python floats are kept
+    in float64, so a σ passed as a number is not rounded to float32)."""
+    t = torch.as_tensor(t, device=device, dtype=torch.float64 if isinstance(t, float) else None)
+    return t.expand(n) if t.dim() == 0 else t.to(device)
+
+
+def cfg_prediction(predict: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                   uncond: Conditioning | None, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance u + w·(c − u) with ``predict`` (any (x, t, cond) -> prediction, e.g. a frozen
+    reference's), as one batched forward; the conditional prediction alone when ``uncond`` is None or w = 1."""
+    if uncond is None or guidance == 1.0:
+        return predict(x, t, cond)
+    both = predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+    u, c = both.chunk(2)
+    return u + guidance * (c - u)
+
+
 class Generator(nn.Module, abc.ABC):
     """Base class of every family adapter. Subclasses hold the trainable ``denoiser`` (an ``nn.Module``)
     plus frozen parts (text encoders, VAE); only the denoiser is trained or wrapped with LoRA."""
@@ -134,29 +209,64 @@ class Generator(nn.Module, abc.ABC):
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         """x̂0 implied by a prediction (used by guidance and by the seam contract tests)."""
 
-    # --- sampling and inversion ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def noise_schedule(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) [B] (float64) with x_t = α_t·x0 + σ_t·ε: √ᾱ_t and √(1 − ᾱ_t) for DDPM/VP families, 1 − σ and
+        σ for flow families. Also defined at the sampler's end (the last entry of ``sampler_timesteps``)."""
+
+    @abc.abstractmethod
+    def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per row, a timestep drawn uniformly (in the family's convention) strictly noisier than ``low`` and at
+        most the noisiest training timestep (Self-NPO's re-noising, t′ ~ U{t_e + 1 … T − 1})."""
+
+    # --- the sampler --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def sampler_timesteps(self, steps: int) -> torch.Tensor:
+        """The sampler's time grid [S + 1], descending, in the family's convention and the dtype ``predict`` takes:
+        the first S are the timesteps the sampler evaluates the model at, the last is where it ends (σ = 0 for
+        flows; −1 — "after the last DDIM step", ᾱ = the scheduler's final ᾱ — for DDPM-indexed families)."""
+
+    @abc.abstractmethod
+    def sampler_step(self, x: torch.Tensor, prediction: torch.Tensor, t, t_next, *, eta: float = 0.0,
+                     generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOutput:
+        """One step of the family's sampler from timestep ``t`` to ``t_next`` (scalars or per-row [B] tensors),
+        given the model's ``prediction`` at (x, t). η = 0 is the deterministic sampler (DDIM; the flow ODE's Euler
+        step); η > 0 makes it Gaussian with a log-density (DDIM's η; for flows the SDE with the ODE's marginals).
+        With ``prev_sample`` the density of that given x_next is evaluated instead of drawing one."""
+
     def guided_prediction(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                          guidance: float) -> torch.Tensor:
-        """Classifier-free guidance in prediction space, u + w·(c − u), as one batched forward."""
-        if uncond is None or guidance == 1.0:
-            return self.predict(x, t, cond)
-        both = self.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-        u, c = both.chunk(2)
-        return u + guidance * (c - u)
+                          guidance: float, predict: Callable | None = None) -> torch.Tensor:
+        """The prediction the sampler steps with: classifier-free guidance u + w·(c − u) as one batched forward.
+        ``predict`` replaces ``self.predict`` (e.g. a reference model's), so a trainer can re-evaluate a stored
+        step under another network with exactly the sampler's arithmetic."""
+        return cfg_prediction(predict or self.predict, x, t, cond, uncond, guidance)
+
+    def steer_prediction(self, x: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor, gradient: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """The prediction changed so that the sampler's step also climbs ``gradient`` (∇_x of a reward) with
+        weight ``scale``: classifier guidance for VP families, ε̂ = ε − w·σ_t·∇ (Dhariwal & Nichol 2021),
+        written in the family's prediction type; v̂ = v − w·∇ for flow families (Flow-NRG, Liu et al. 2025)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define steer_prediction")
+
+    def sampling_conditions(self, prompts: Sequence[str], guidance: float,
+                            negative_cond: Conditioning | None = None) -> tuple[Conditioning, Conditioning | None]:
+        """(cond, uncond): uncond is None when guidance is off or the family has no unconditional branch."""
+        cond = self.encode(prompts)
+        uncond = None
+        if guidance != 1.0 and self.missing("unconditional_branch") is None:
+            uncond = negative_cond if negative_cond is not None else self.null_conditioning(len(prompts))
+        return cond, uncond
 
     def sampling_inputs(self, prompts: Sequence[str], guidance: float, noise: torch.Tensor | None,
                         generator: torch.Generator | None, negative_cond: Conditioning | None
                         ) -> tuple[Conditioning, Conditioning | None, torch.Tensor]:
         """(cond, uncond or None when guidance is off, x_T): the common start of every sampler."""
-        b = len(prompts)
-        cond = self.encode(prompts)
-        uncond = None
-        if guidance != 1.0:
-            uncond = negative_cond if negative_cond is not None else self.null_conditioning(b)
-        x = noise.to(self.device, self.dtype) if noise is not None else self.sample_noise(b, generator=generator)
+        cond, uncond = self.sampling_conditions(prompts, guidance, negative_cond)
+        x = noise.to(self.device, self.dtype) if noise is not None else self.sample_noise(len(prompts),
+                                                                                          generator=generator)
         return cond, uncond, x
 
-    @abc.abstractmethod
+    @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
@@ -168,21 +278,63 @@ class Generator(nn.Module, abc.ABC):
         eta: float = 0.0,
         return_trajectory: bool = False,
         negative_cond: Conditioning | None = None,
+        progress: bool = False,
+        prediction_fn: PredictionFn | None = None,
     ) -> SampleOutput:
-        """Sample with classifier-free guidance (``guidance`` ≤ 1 disables the unconditional branch)."""
+        """Sample with classifier-free guidance (``guidance`` ≤ 1 disables the unconditional branch) by walking
+        ``sampler_timesteps`` with ``sampler_step``. ``prediction_fn(x, t, cond, uncond, guidance)`` replaces
+        ``guided_prediction`` as what each step uses (reward guidance, NPO's negative branch); the grid, η and the
+        trajectory / log-density bookkeeping stay the sampler's own."""
+        b = len(prompts)
+        cond, uncond, x = self.sampling_inputs(prompts, guidance, noise, generator, negative_cond)
+        ts = self.sampler_timesteps(steps)
+        predict = prediction_fn or self.guided_prediction
+        traj, log_probs = [x], []
+        for i in tqdm(range(len(ts) - 1), disable=not progress, desc="sampling", leave=False):
+            t = per_row(ts[i], b, self.device)
+            step = self.sampler_step(x, predict(x, t, cond, uncond, guidance), ts[i], ts[i + 1], eta=eta,
+                                     generator=generator)
+            x = step.prev_sample
+            traj.append(x)
+            log_probs.append(step.log_prob if step.log_prob is not None else torch.zeros(b, device=x.device))
+        out = SampleOutput(media=self.decode(x), latents=x)
+        if return_trajectory:
+            out.trajectory = torch.stack(traj, dim=1)
+            out.timesteps = ts[:-1].cpu()
+            out.log_probs = torch.stack(log_probs, dim=1)  # deterministic steps contribute 0
+        return out
 
     @abc.abstractmethod
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
                renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Inversion of x0 towards noise (DDIM inversion; ReNoise refinement when ``renoise_iters`` > 0).
-        ``until`` stops at that timestep instead of at pure noise. Deterministic unless ``eta`` > 0, which adds
-        eta × the forward process's own noise between consecutive grid levels after each step (InPO's optional
-        ``inversion_eta``), drawn from ``generator``."""
+        """Inversion of x0 towards noise: the deterministic sampler on ``sampler_timesteps(steps)`` run backwards
+        (DDIM inversion; the flow ODE integrated towards σ = 1), ReNoise refinement when ``renoise_iters`` > 0.
+        ``until`` stops at the last grid point ≤ until instead of at the top. Deterministic unless ``eta`` > 0,
+        which adds eta × the forward process's own noise between consecutive grid levels after each step (InPO's
+        optional ``inversion_eta``), drawn from ``generator``."""
+
+    # --- what a family can and cannot serve ---------------------------------------------------------------------
+    #: capability (a key of ``CAPABILITIES``) -> why this family lacks it; empty when it has them all
+    capability_gaps: dict[str, str] = {}
+
+    def missing(self, capability: str) -> str | None:
+        """Why this generator lacks ``capability`` (None when it has it)."""
+        if capability not in CAPABILITIES:
+            raise KeyError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        return self.capability_gaps.get(capability)
+
+    def require(self, capability: str, method: str) -> None:
+        """Raise a ValueError naming the method, the family and the reason when ``capability`` is missing."""
+        reason = self.missing(capability)
+        if reason is not None:
+            raise ValueError(f"{method} cannot run on the {self.family} family ({type(self).__name__}): it needs "
+                             f"{CAPABILITIES[capability]}, and {reason}")
 
     # --- media ------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Denoiser space -> media (images float [B, 3, H, W] in [0, 1])."""
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """Denoiser space -> media (images float [B, 3, H, W] in [0, 1]). No graph is kept unless
+        ``differentiable`` (reward guidance needs ∇ through the decoder)."""
 
     @abc.abstractmethod
     def encode_media(self, media: torch.Tensor) -> torch.Tensor:
@@ -234,6 +386,36 @@ class Generator(nn.Module, abc.ABC):
         finally:
             if has_adapters:
                 self.denoiser.enable_adapters()
+
+    @contextlib.contextmanager
+    def adapter_only(self, name: str | None) -> Iterator[None]:
+        """Run the denoiser with only LoRA adapter ``name`` active (None: every adapter off — the base model).
+        Works on any peft-injected denoiser (also those without diffusers' ``set_adapters``); the previous active
+        adapters, their on/off state and every parameter's ``requires_grad`` are restored afterwards."""
+        if name is None:
+            with self.adapters_disabled():
+                yield
+            return
+        known = list(getattr(self.denoiser, "peft_config", {}) or {})
+        if name not in known:
+            raise KeyError(f"no LoRA adapter {name!r} on the denoiser (loaded: {known or 'none'}); load it with "
+                           f"diffalign.generators.lora.load_lora(gen, folder, adapter_name={name!r})")
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        state = [(m, list(m.active_adapters), bool(m.disable_adapters)) for m in layers]
+        grads = [(p, p.requires_grad) for p in self.denoiser.parameters()]
+        for m in layers:
+            m.enable_adapters(True)
+            m.set_adapter(name)
+        try:
+            yield
+        finally:
+            for m, active, disabled in state:
+                m.set_adapter(active)
+                m.enable_adapters(not disabled)
+            for p, flag in grads:
+                p.requires_grad_(flag)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The flow-matching family: SD3-style ``SD3Transformer2DModel`` (and pixel-space toy variants) with the
 rectified-flow path x_σ = (1 − σ)·x0 + σ·ε, velocity target v = ε − x0, logit-normal σ for training, and the
 flow-matching Euler sampler (optionally its SDE form, which gives per-step log-densities for online methods).
+This file is the one implementation of the flow maths the Flux and Wan families reuse: noise schedule, Euler /
+SDE step with its log-density, ODE inversion, Flow-NRG steering.
 
 σ is the family's timestep convention (σ = 1 pure noise); the transformer is called with 1000·σ, as diffusers'
 FlowMatchEulerDiscreteScheduler does.
@@ -8,15 +10,13 @@ FlowMatchEulerDiscreteScheduler does.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tqdm.auto import tqdm
 
-from diffalign.generators.base import Conditioning, Generator, SampleOutput
+from diffalign.generators.base import Conditioning, Generator, StepOutput, gaussian_step, per_row
 from diffalign.generators.loading import load_component, read_model_index, save_components
 from diffalign.generators.text import SD3Conditioner, TextConditioner, ToyConditioner
 
@@ -47,6 +47,15 @@ class FlowGenerator(Generator):
         n = torch.randn(batch, generator=generator)
         return torch.sigmoid(self.logit_mean + self.logit_std * n).to(self.device)
 
+    def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(low.shape[0], generator=generator).to(low.device)
+        low = low.float()
+        return (low + u * (1 - low)).clamp(max=1 - 1e-6)
+
+    def noise_schedule(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.as_tensor(t).reshape(-1).to(torch.float64)
+        return 1 - s, s
+
     @staticmethod
     def _sigma(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return t.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -73,52 +82,46 @@ class FlowGenerator(Generator):
         sched.set_timesteps(steps)
         return [float(s) for s in sched.sigmas]
 
-    @torch.no_grad()
-    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 1.0, *,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None, eta: float = 0.0,
-               return_trajectory: bool = False, negative_cond: Conditioning | None = None,
-               progress: bool = False) -> SampleOutput:
-        b = len(prompts)
-        cond, uncond, x = self.sampling_inputs(prompts, guidance, noise, generator, negative_cond)
-        sig = self.sigmas(steps)
-        traj, log_probs = [x], []
-        for i in tqdm(range(len(sig) - 1), disable=not progress, desc="sampling", leave=False):
-            t = torch.full((b,), sig[i], device=self.device)
-            v = self.guided_prediction(x, t, cond, uncond, guidance)
-            x, logp = self.euler_step(x, v, sig[i], sig[i + 1], eta, generator, sigma_max=sig[1] if len(sig) > 2 else 0.0)
-            traj.append(x)
-            log_probs.append(logp if logp is not None else torch.zeros(b, device=x.device))
-        out = SampleOutput(media=self.decode(x), latents=x)
-        if return_trajectory:
-            out.trajectory = torch.stack(traj, dim=1)
-            out.timesteps = torch.tensor(sig[:-1])
-            out.log_probs = torch.stack(log_probs, dim=1)
-        return out
+    def sampler_timesteps(self, steps: int) -> torch.Tensor:
+        return torch.tensor(self.sigmas(steps), dtype=torch.float32)
 
-    def euler_step(self, x, v, sigma: float, sigma_next: float, eta: float = 0.0, generator=None,
-                   prev_sample: torch.Tensor | None = None, sigma_max: float = 0.0):
-        """ODE Euler step, or with η > 0 the SDE with the same marginals (Flow-GRPO, Liu et al. 2025, Eq. 9),
-        whose Gaussian transition's log-density (mean over dimensions) is returned."""
-        dt = sigma_next - sigma
-        if eta == 0 or sigma_next == 0 or sigma == 0:
-            return x + dt * v, None
-        s_eff = sigma_max if sigma >= 1.0 else sigma
-        std = eta * math.sqrt(sigma / (1 - s_eff))
-        mean = x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
-        scale = std * math.sqrt(-dt)
-        if prev_sample is None:
-            prev_sample = mean + scale * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        logp = (-((prev_sample.detach() - mean) ** 2) / (2 * scale ** 2) - math.log(scale)
-                - 0.5 * math.log(2 * math.pi))
-        return prev_sample, logp.flatten(1).mean(dim=1)
+    def steer_prediction(self, x: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor, gradient: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """Flow-NRG: v̂ = v − w·∇, so the Euler step x + (σ_next − σ)·v̂ (σ decreasing) climbs the reward."""
+        return prediction - scale * gradient.to(prediction.dtype)
+
+    def sampler_step(self, x: torch.Tensor, prediction: torch.Tensor, t, t_next, *, eta: float = 0.0,
+                     generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOutput:
+        """Euler step of the probability-flow ODE dx/dσ = v from σ to σ_next (dσ = σ_next − σ < 0), or with η > 0
+        the reverse-time SDE with the same marginals (Flow-GRPO, Liu et al. 2025, Eq. 9):
+
+            x_next = x + [v + s²/(2σ)·(x + (1 − σ)·v)]·dσ + s·√(−dσ)·z,   s = η·√(σ / (1 − σ))
+
+        (x + (1 − σ)·v is the ε̂ the velocity implies, so the bracket is v − (s²/2)·∇log p_σ). At σ = 1 the
+        denominator uses σ_next instead, as Flow-GRPO does (its ``sigma_max``); steps from or to σ = 0 stay
+        deterministic."""
+        view = (-1,) + (1,) * (x.dim() - 1)
+        n = x.shape[0]
+        s = per_row(t, n, x.device).to(torch.float64).view(view)
+        s_next = per_row(t_next, n, x.device).to(torch.float64).view(view)
+        dt = s_next - s
+        live = (s > 0) & (s_next > 0) if eta > 0 else torch.zeros_like(s, dtype=torch.bool)
+        s_eff = torch.where(s >= 1, s_next, s)
+        std = torch.where(live, eta * (s / (1 - s_eff).clamp(min=1e-12)).clamp(min=0).sqrt(), torch.zeros_like(s))
+        safe_s = torch.where(live, s, torch.ones_like(s))
+        c_x = (1 + std ** 2 / (2 * safe_s) * dt).to(x.dtype)
+        c_v = ((1 + std ** 2 * (1 - s) / (2 * safe_s)) * dt).to(x.dtype)
+        mean = x * c_x + prediction * c_v
+        scale = (std * (-dt).clamp(min=0).sqrt()).to(x.dtype)
+        return gaussian_step(mean, scale, generator, prev_sample, stochastic=eta > 0)
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
                renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Run the probability-flow ODE backwards (σ ascending) from x0; ReNoise averaging when asked. ``eta`` > 0
-        adds eta × the std of the forward transition x_σ → x_σ' = (1−σ')/(1−σ)·x_σ + s·ε, where
-        s² = σ'² − (σ(1−σ')/(1−σ))², after each step."""
-        sig = self.sigmas(steps)[::-1]  # 0 … 1
+        """Run the probability-flow ODE backwards (σ ascending on the sampler's grid) from x0; ReNoise averaging
+        when asked. ``eta`` > 0 adds eta × the std of the forward transition x_σ → x_σ' = (1−σ')/(1−σ)·x_σ + s·ε,
+        where s² = σ'² − (σ(1−σ')/(1−σ))², after each step."""
+        sig = self.sampler_timesteps(steps).flip(0).tolist()  # 0 … 1
         z = x0
         for s_from, s_to in zip(sig[:-1], sig[1:]):
             if until is not None and s_to > until:
@@ -136,11 +139,11 @@ class FlowGenerator(Generator):
             z = new
         return z
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         if self.vae is not None:
             cfg = self.vae.config
             lat = latents.to(self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-            with torch.no_grad():
+            with torch.set_grad_enabled(differentiable):
                 latents = self.vae.decode(lat).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
 

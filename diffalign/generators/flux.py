@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffalign.generators.base import Conditioning, Generator, SampleOutput
+from diffalign.generators.base import Conditioning, Generator
 from diffalign.generators.family_parts import load_part, read_settings, save_family
 from diffalign.generators.flow import FlowGenerator
 from diffalign.generators.loading import read_model_index
@@ -121,16 +121,27 @@ class FluxGenerator(FlowGenerator):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(), **kwargs)
         return [float(s) for s in sched.sigmas]
 
-    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 1.0, **kwargs) -> SampleOutput:
+    def guided_prediction(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                          guidance: float, predict=None) -> torch.Tensor:
         """For guidance-distilled transformers ``guidance`` is the embedded scale (one forward per step, no
-        unconditional branch); otherwise it is classifier-free guidance as in every family."""
+        unconditional branch, whatever network ``predict`` runs); otherwise classifier-free guidance as in every
+        family."""
         if not self.guidance_distilled:
-            return super().sample(prompts, steps, guidance, **kwargs)
+            return super().guided_prediction(x, t, cond, uncond, guidance, predict)
+        previous = self._embedded_guidance
         self._embedded_guidance = guidance
         try:
-            return super().sample(prompts, steps, 1.0, **kwargs)
+            return (predict or self.predict)(x, t, cond)
         finally:
-            self._embedded_guidance = None
+            self._embedded_guidance = previous
+
+    @property
+    def capability_gaps(self) -> dict[str, str]:
+        if not self.guidance_distilled:
+            return {}
+        return {"unconditional_branch": "this transformer is guidance-distilled (guidance_embeds): the guidance "
+                                        "scale is an input of a single conditional forward, so there is no "
+                                        "unconditional prediction to train or to steer against"}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "FluxGenerator":

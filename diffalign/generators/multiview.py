@@ -54,6 +54,12 @@ class ShapEGenerator(UNetGenerator):
     family = "shap_e"
     modality = "3d"
     prediction_type = "sample"
+    capability_gaps = {
+        "differentiable_decode": "diffusers' ShapERenderer.decode_to_image renders under torch.no_grad, so no "
+                                 "reward gradient reaches the latents",
+        "scored_pair_media": "Shap-E preference pairs store latents (it has no image encoder to map views back), "
+                             "which no reward model scores",
+    }
 
     def __init__(self, prior, scheduler, conditioner: ShapEConditioner, renderer, class_name: str = "ShapEPipeline",
                  *, frame_size: int = 64, ray_samples: tuple[int, int] = (64, 128), mesh_grid_size: int = 128):
@@ -95,13 +101,14 @@ class ShapEGenerator(UNetGenerator):
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         return prediction
 
-    def _grid(self, steps: int) -> tuple[list[int], list[float], float]:
-        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long().tolist()
-        return ts, [float(self.alphas_cumprod[t]) for t in ts], 1.0
+    def _ddim_grid(self, steps: int) -> tuple[list[int], float]:
+        return torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long().tolist(), 1.0
 
     # --- media ------------------------------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         """Latents -> the renderer's 20 pan views [B, 20, 3, S, S] in [0, 1] (S = ``frame_size``)."""
+        if differentiable:
+            raise ValueError(f"Shap-E decode cannot keep a graph: {self.capability_gaps['differentiable_decode']}")
         size = self.frame_size
         rays = 20 * size * size
         views = []
@@ -250,9 +257,9 @@ class MultiViewGenerator(UNetGenerator):
                                  class_labels=cams).sample
         return out.reshape(xt.shape)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         b, v = latents.shape[:2]
-        images = super().decode(latents.reshape(b * v, *latents.shape[2:]))
+        images = super().decode(latents.reshape(b * v, *latents.shape[2:]), differentiable)
         return images.reshape(b, v, *images.shape[1:])
 
     def encode_media(self, media: torch.Tensor) -> torch.Tensor:

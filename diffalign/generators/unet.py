@@ -1,9 +1,13 @@
 """The UNet family: SD1.5/SDXL-style ``UNet2DConditionModel`` with ε- or v-prediction (and the toy world's
 pixel-space UNet), DDPM training noise, DDIM sampling with classifier-free guidance, DDIM/ReNoise inversion.
 
-The sampler is written out here rather than delegated to ``DDIMScheduler.step`` because online methods need
-each stochastic step's log-density, and inversion needs the same ᾱ bookkeeping run backwards; the timestep
-grid itself comes from diffusers' ``DDIMScheduler`` so it matches what users get from a diffusers pipeline.
+This file is the one implementation of the VP/DDIM maths every ᾱ-schedule family reuses (CogVideoX, AudioLDM2,
+Stable Audio, multi-view, Shap-E): the noise schedule, the DDIM step with η and its Gaussian log-density, DDIM /
+ReNoise inversion and reward steering. The step is written out here rather than delegated to
+``DDIMScheduler.step`` because online methods need each stochastic step's log-density, and inversion needs the
+same ᾱ bookkeeping run backwards; the timestep grid itself comes from diffusers' ``DDIMScheduler`` so it matches
+what users get from a diffusers pipeline. Timestep −1 stands for the sampler's end (after its last step), whose
+ᾱ is the scheduler's ``final_alpha_cumprod``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ from typing import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from tqdm.auto import tqdm
 
-from diffalign.generators.base import Conditioning, Generator, SampleOutput
+from diffalign.generators.base import Conditioning, Generator, StepOutput, gaussian_step, per_row
 from diffalign.generators.loading import load_component, read_model_index, save_components
 from diffalign.generators.text import CLIPConditioner, TextConditioner, ToyConditioner
 
@@ -51,9 +54,34 @@ class UNetGenerator(Generator):
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator).to(self.device)
 
+    def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        low = low.long()
+        u = torch.rand(low.shape[0], generator=generator).to(low.device)
+        top = self.num_train_timesteps - 1
+        return (low + 1 + (u * (top - low).clamp(min=1)).long()).clamp(max=top)
+
+    def final_alpha_cumprod(self) -> float:
+        """ᾱ after the sampler's last step (1, or ᾱ_0 when the scheduler does not set it to one)."""
+        if "_final_alpha" not in self.__dict__:
+            self.__dict__["_final_alpha"] = self._ddim_grid(1)[1]
+        return self.__dict__["_final_alpha"]
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t [B] in float64; t = −1 is the sampler's end."""
+        t = torch.as_tensor(t).reshape(-1).long()
+        table = self.alphas_cumprod.to(t.device, torch.float64)
+        a = table[t.clamp(min=0)]
+        if bool((t < 0).any()):
+            a = torch.where(t < 0, torch.full_like(a, self.final_alpha_cumprod()), a)
+        return a
+
     def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+        a = self._alpha_bar(per_row(t, like.shape[0], like.device)).to(like.device)
         return a.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def noise_schedule(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self._alpha_bar(t)
+        return a.sqrt(), (1 - a).clamp(min=0).sqrt()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self._alpha(t, x0)
@@ -86,67 +114,56 @@ class UNetGenerator(Generator):
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         return self._split(xt, self._alpha(t, xt), prediction)[0]
 
-    # --- sampling ---------------------------------------------------------------------------------------------
-    def _grid(self, steps: int) -> tuple[list[int], list[float], float]:
-        """DDIM timesteps (descending), their ᾱ, and ᾱ of the final "previous" step."""
+    def steer_prediction(self, x: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor, gradient: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """Classifier guidance ε̂ − w·σ_t·∇ written in the prediction type: with x fixed, shifting ε̂ by −δ shifts
+        v̂ by −δ/α_t and x̂0 by +δ·σ_t/α_t. Rows at zero SNR (α_t = 0, e.g. the first step of a zero-terminal-SNR
+        schedule) are left as they are: there x = ε exactly, so no prediction can move ε̂."""
+        a = self._alpha(t, x)
+        live = a > 0
+        root = torch.where(live, a, torch.ones_like(a)).sqrt()
+        delta = torch.where(live, scale * (1 - a).sqrt() * gradient.to(x.dtype), torch.zeros_like(x))
+        if self.prediction_type == "epsilon":
+            return prediction - delta
+        if self.prediction_type == "v_prediction":
+            return prediction - delta / root
+        return prediction + delta * (1 - a).sqrt() / root  # "sample" (x̂0) prediction
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def _ddim_grid(self, steps: int) -> tuple[list[int], float]:
+        """DDIM timesteps (descending) and ᾱ after the last step, from the family's DDIM scheduler."""
         ddim = DDIMScheduler.from_config(self.train_scheduler.config)
         ddim.set_timesteps(steps)
-        ts = [int(t) for t in ddim.timesteps]
-        return ts, [float(self.alphas_cumprod[t]) for t in ts], float(ddim.final_alpha_cumprod)
+        return [int(t) for t in ddim.timesteps], float(ddim.final_alpha_cumprod)
 
-    @torch.no_grad()
-    def sample(self, prompts: Sequence[str], steps: int = 20, guidance: float = 1.0, *,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None, eta: float = 0.0,
-               return_trajectory: bool = False, negative_cond: Conditioning | None = None,
-               progress: bool = False) -> SampleOutput:
-        b = len(prompts)
-        cond, uncond, x = self.sampling_inputs(prompts, guidance, noise, generator, negative_cond)
-        ts, alphas, final_alpha = self._grid(steps)
-        traj, log_probs = [x], []
-        for i in tqdm(range(len(ts)), disable=not progress, desc="sampling", leave=False):
-            t = torch.full((b,), ts[i], device=self.device, dtype=self.timestep_dtype)
-            pred = self.guided_prediction(x, t, cond, uncond, guidance)
-            x, logp = self.ddim_step(x, pred, alphas[i], alphas[i + 1] if i + 1 < len(ts) else final_alpha, eta,
-                                     generator)
-            traj.append(x)
-            log_probs.append(logp if logp is not None else torch.zeros(b, device=x.device))
-        media = self.decode(x)
-        out = SampleOutput(media=media, latents=x)
-        if return_trajectory:
-            out.trajectory = torch.stack(traj, dim=1)
-            out.timesteps = torch.tensor(ts)
-            out.log_probs = torch.stack(log_probs, dim=1)  # deterministic steps contribute 0
-        return out
+    def sampler_timesteps(self, steps: int) -> torch.Tensor:
+        ts, _ = self._ddim_grid(steps)
+        return torch.tensor(ts + [-1], dtype=self.timestep_dtype)
 
-    def ddim_step(self, x: torch.Tensor, prediction: torch.Tensor, a_t: float, a_prev: float, eta: float,
-                  generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None):
-        """One DDIM step x_t -> x_prev (Song et al. 2021, Eq. 12). With η > 0 the step is Gaussian and its
-        log-density (mean over dimensions, the DDPO/flow_grpo convention) is returned; with ``prev_sample`` the
-        density of that given sample is evaluated instead of drawing one (what PRDP-style ratios need)."""
-        a_t_ = torch.tensor(a_t, device=x.device, dtype=x.dtype)
-        a_p = torch.tensor(a_prev, device=x.device, dtype=x.dtype)
-        x0, eps = self._split(x, a_t_, prediction)
-        sigma = eta * ((1 - a_p) / (1 - a_t_) * (1 - a_t_ / a_p)).clamp(min=0).sqrt()
-        mean = a_p.sqrt() * x0 + (1 - a_p - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta == 0 or float(sigma) == 0.0:
-            return mean, None
-        if prev_sample is None:
-            prev_sample = mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        logp = (-((prev_sample.detach() - mean) ** 2) / (2 * sigma ** 2) - sigma.log()
-                - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device)))
-        return prev_sample, logp.flatten(1).mean(dim=1)
+    def sampler_step(self, x: torch.Tensor, prediction: torch.Tensor, t, t_next, *, eta: float = 0.0,
+                     generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOutput:
+        """DDIM (Song et al. 2021, Eq. 12) from ᾱ_t to ᾱ_next: x̂0 and ε̂ from the prediction, then
+        x_next = √ᾱ_next·x̂0 + √(1 − ᾱ_next − s²)·ε̂ + s·z with s = η·√((1 − ᾱ_next)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_next))."""
+        view = (-1,) + (1,) * (x.dim() - 1)
+        n = x.shape[0]
+        a_t = self._alpha_bar(per_row(t, n, x.device)).to(x.device).view(view)
+        a_n = self._alpha_bar(per_row(t_next, n, x.device)).to(x.device).view(view)
+        x0, eps = self._split(x, a_t.to(x.dtype), prediction)
+        std = eta * ((1 - a_n) / (1 - a_t) * (1 - a_t / a_n)).clamp(min=0).sqrt()
+        mean = a_n.sqrt().to(x.dtype) * x0 + (1 - a_n - std ** 2).clamp(min=0).sqrt().to(x.dtype) * eps
+        return gaussian_step(mean, std.to(x.dtype), generator, prev_sample, stochastic=eta > 0)
 
     @torch.no_grad()
     def invert(self, x0: torch.Tensor, cond: Conditioning, steps: int, *, until: int | float | None = None,
                renoise_iters: int = 0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM inversion on the DDIM grid ascending (no guidance). At each grid point τ the step from the
+        """DDIM inversion on the sampler's grid ascending (no guidance). At each grid point τ the step from the
         previous level uses ε̂(z, τ); ``renoise_iters`` > 0 re-evaluates ε̂ at the proposed point and averages
         (ReNoise, as SmPO does). ``until`` stops after the last grid point ≤ until. ``eta`` > 0 then adds
         eta·√(1 − ᾱ_τ/ᾱ_prev)·N(0, I), the DDPM transition's own std between the two levels."""
-        ts, alphas, _ = self._grid(steps)
-        ts, alphas = ts[::-1], alphas[::-1]
+        taus = self.sampler_timesteps(steps)[:-1].flip(0)
+        alphas = self._alpha_bar(taus)
         z, a_from = x0, torch.tensor(1.0, device=x0.device, dtype=x0.dtype)
-        for tau, a_tau in zip(ts, alphas):
+        for tau, a_tau in zip(taus.tolist(), alphas.tolist()):
             if until is not None and tau > until:
                 break
             a_to = torch.tensor(a_tau, device=x0.device, dtype=x0.dtype)
@@ -168,10 +185,10 @@ class UNetGenerator(Generator):
         return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
 
     # --- media ----------------------------------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         if self.vae is not None:
             sf = self.vae.config.scaling_factor
-            with torch.no_grad():
+            with torch.set_grad_enabled(differentiable):
                 latents = self.vae.decode(latents.to(self.vae.dtype) / sf).sample
         return ((latents.float() + 1) / 2).clamp(0, 1)
 

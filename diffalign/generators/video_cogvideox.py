@@ -60,11 +60,10 @@ class CogVideoXGenerator(UNetGenerator):
         h, w = self.geometry.latent_hw
         return (batch, self.geometry.latent_frames, self.denoiser.config.in_channels, h, w)
 
-    def _grid(self, steps: int) -> tuple[list[int], list[float], float]:
+    def _ddim_grid(self, steps: int) -> tuple[list[int], float]:
         ddim = CogVideoXDDIMScheduler.from_config(self.train_scheduler.config)
         ddim.set_timesteps(steps)
-        ts = [int(t) for t in ddim.timesteps]
-        return ts, [float(self.alphas_cumprod[t]) for t in ts], float(ddim.final_alpha_cumprod)
+        return [int(t) for t in ddim.timesteps], float(ddim.final_alpha_cumprod)
 
     def _rotary(self, x: torch.Tensor):
         """3D RoPE for the latent grid of ``x`` (the pipeline's ``_prepare_rotary_positional_embeddings``)."""
@@ -97,11 +96,11 @@ class CogVideoXGenerator(UNetGenerator):
                                   image_rotary_emb=self._rotary(xt)).sample
 
     # --- media: frames [B, F, 3, H, W] in [0, 1] ----------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         frames = latents
         if self.vae is not None:
             lat = latents.permute(0, 2, 1, 3, 4).to(self.vae.dtype) / self.vae.config.scaling_factor
-            with torch.no_grad():
+            with torch.set_grad_enabled(differentiable):
                 frames = self.vae.decode(lat).sample.permute(0, 2, 1, 3, 4)
         return ((frames.float() + 1) / 2).clamp(0, 1)
 

@@ -82,12 +82,12 @@ class WanGenerator(FlowGenerator):
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(shape)
         return mean, std
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         video = latents
         if self.vae is not None:
             lat = latents.to(self.vae.dtype)
             mean, std = self._stats(lat)
-            with torch.no_grad():
+            with torch.set_grad_enabled(differentiable):
                 video = self.vae.decode(lat * std + mean).sample
         return ((video.permute(0, 2, 1, 3, 4).float() + 1) / 2).clamp(0, 1)
 
