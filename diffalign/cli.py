@@ -32,14 +32,27 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_reward(args: argparse.Namespace):
+    """``--plugins`` imported and ``--reward`` (a name, ``module:Class`` or a YAML list) resolved before any
+    work, so a bad plugin or reward fails first and writes nothing."""
+    from rewards.plugins import load_plugins
+    from rewards.reward_spec import check_reward_spec, parse_reward_arg
+
+    load_plugins(args.plugins or [])
+    checkpoint = None if args.checkpoint is None else str(args.checkpoint)
+    return check_reward_spec(parse_reward_arg(args.reward), checkpoint, key="--reward")
+
+
 def _score(args: argparse.Namespace) -> int:
     if args.ray:
         from rewards.ray_scoring import run_score_ray as run
     else:
         from rewards.scoring import run_score as run
 
-    out = run(args.reward, args.checkpoint, args.prompts, args.media, args.out, batch_size=args.batch_size,
-              device=args.device)
+    reward = _user_reward(args)
+    extra = {} if args.preprocess is None else {"preprocess": args.preprocess}
+    out = run(reward, args.checkpoint, args.prompts, args.media, args.out, batch_size=args.batch_size,
+              device=args.device, plugins=args.plugins or [], **extra)
     print(f"wrote scores to {out}")
     return 0
 
@@ -47,8 +60,9 @@ def _score(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from trainers.evaluate import run_eval
 
-    run_eval(base=args.model, lora=args.lora, reward=args.reward, checkpoint=args.checkpoint, prompts=args.prompts,
-             seeds=args.seeds, steps=args.steps, guidance=args.guidance, out=args.out, device=args.device)
+    run_eval(base=args.model, lora=args.lora, reward=_user_reward(args), checkpoint=args.checkpoint,
+             prompts=args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.guidance, out=args.out,
+             device=args.device)
     return 0
 
 
@@ -108,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
 
     r = sub.add_parser("score", help="score media files with a reward model")
-    r.add_argument("--reward", required=True, help="registered reward name (see rewards.list_rewards())")
+    r.add_argument("--reward", required=True, help="registered reward name (see rewards.list_rewards()), a user "
+                   "reward module:Class, or a weighted YAML list '[{name: hpsv2, weight: 1}, {name: aesthetic, "
+                   "weight: 0.2}]'")
     r.add_argument("--checkpoint", type=Path, help="local checkpoint file or folder of the reward")
     r.add_argument("--prompts", required=True, help="text file with one prompt per media file (or a single prompt)")
     r.add_argument("media", nargs="+", type=Path, help="media files or folders")
@@ -116,12 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--device", default="cpu")
     r.add_argument("--ray", action="store_true", help="score with a Ray Data actor pool ([scale] extra)")
+    r.add_argument("--preprocess", choices=["fast", "exact"], help="CLIP/BLIP-family rewards: 'fast' (default, "
+                   "batched tensors) or 'exact' (the upstream processor's PIL/uint8 path, identical pixels)")
+    r.add_argument("--plugins", action="append", metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers rewards before scoring (repeatable)")
     r.set_defaults(func=_score)
 
     e = sub.add_parser("eval", help="evaluate a generator (and a LoRA) against its base with a reward")
     e.add_argument("--model", default="toy:shapes-unet")
     e.add_argument("--lora", type=Path)
-    e.add_argument("--reward", default="shapes-oracle")
+    e.add_argument("--reward", default="shapes-oracle", help="reward name, module:Class or a weighted YAML list "
+                   "(each listed reward is also reported on its own)")
+    e.add_argument("--plugins", action="append", metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers rewards first (repeatable)")
     e.add_argument("--checkpoint", type=Path)
     e.add_argument("--prompts", default="toy-heldout")
     e.add_argument("--seeds", type=int, default=32)
@@ -165,14 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        # User errors: one clear line, no traceback. (Set DIFFALIGN_DEBUG=1 for the traceback.)
+    except Exception as exc:
+        # Expected failures: one clear line, no traceback, exit 2. (Set DIFFALIGN_DEBUG=1 for the traceback.)
         import os
 
-        if os.environ.get("DIFFALIGN_DEBUG"):
+        if not isinstance(exc, _expected_errors()) or os.environ.get("DIFFALIGN_DEBUG"):
             raise
-        print(f"diffalign {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"diffalign {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _expected_errors() -> tuple[type, ...]:
+    """Bad input and the training loop's own refusals (``TrainingError``: NaN guard, mismatched resume). The loop
+    module is looked up, not imported: if it was never imported, none of its errors can have been raised."""
+    kinds: list[type] = [FileNotFoundError, ValueError, KeyError, ImportError]
+    loop = sys.modules.get("trainers.loop")
+    if loop is not None:
+        kinds.append(loop.TrainingError)
+    return tuple(kinds)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ Why batched and on tensors: the released scorers run one image per forward throu
 batch runs in one forward, prompts are embedded once (and cached), and ``differentiable=True`` carries
 gradients back to the input pixels. HPS numbers equal the hpsv2 package's for the same checkpoint (its
 validation transform resizes the float tensor exactly as here); the crop-based scorers resize float tensors
-where upstream resizes uint8/PIL images, a difference of ~1/255 per pixel.
+where upstream resizes uint8/PIL images, a difference of ~1/255 per pixel. ``preprocess="exact"`` takes each
+upstream processor's own PIL/uint8 path instead (``rewards.clip_preprocess_exact``; identical pixels, no
+gradients). Centre crops put an odd margin's extra pixel where each upstream does: transformers'
+``CLIPImageProcessor`` floors the offset (PickScore, CLIPScore), OpenAI CLIP's torchvision ``CenterCrop``
+rounds it (aesthetic).
 
 CLIPScore follows Hessel et al. (arXiv 2104.08718): ``w = 2.5`` and the "A photo depicts" prefix; pass
 ``prefix=""`` (and ``w=100``) for torchmetrics' variant. It reads a transformers CLIP folder (the paper used
@@ -36,6 +40,7 @@ from torch import nn
 from rewards.base import RewardInputError, RewardModel, RewardOutput
 from rewards.clip_checkpoint import build_and_load, read_state_dict, require_file
 from rewards.clip_preprocess import letterbox, normalize, resize_center_crop
+from rewards.clip_preprocess_exact import check_mode, pil_resize_center_crop, quantize
 from rewards.clip_towers import HFClipTower, OpenClipTower, read_processor_config
 
 
@@ -45,13 +50,19 @@ class ClipFamilyReward(RewardModel):
 
     modality = "image"
     needs_prompts = True
+    preprocess_modes = ("fast", "exact")
 
-    def __init__(self, tower: OpenClipTower | HFClipTower, *, batch_size: int = 32):
+    def __init__(self, tower: OpenClipTower | HFClipTower, *, batch_size: int = 32, preprocess: str = "fast"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.tower = tower
         self.batch_size = batch_size
+        #: "fast": batched float tensors (differentiable); "exact": the upstream PIL/uint8 path, identical pixels
+        self.preprocess = check_mode(preprocess, self.name)
+        if self.preprocess == "exact":
+            self.supports_grad = False
+            self.no_grad_reason = "preprocess='exact' goes through 8-bit PIL images; use preprocess='fast'"
 
     def _prepare(self, media: Any) -> Any:
         batch = super()._prepare(media)
@@ -97,23 +108,27 @@ class HPSv2(ClipFamilyReward):
     name = "hpsv2"
     checkpoint_file = "HPS_v2_compressed.pt"
 
-    def __init__(self, tower: OpenClipTower, *, batch_size: int = 32):
-        super().__init__(tower, batch_size=batch_size)
+    def __init__(self, tower: OpenClipTower, *, batch_size: int = 32, preprocess: str = "fast"):
+        super().__init__(tower, batch_size=batch_size, preprocess=preprocess)
         self.compare_scale = float(tower.logit_scale.detach().float().exp())
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, *, arch: str | dict = "ViT-H-14", batch_size: int = 32,
-                        dtype: torch.dtype = torch.float32) -> "HPSv2":
+                        dtype: torch.dtype = torch.float32, preprocess: str = "fast") -> "HPSv2":
         path = require_file(path, reward=cls.name, what="the HPS checkpoint",
                             hint=f"pass checkpoint='{cls.checkpoint_file}' (from the xswu/HPSv2 release)")
-        return cls(OpenClipTower.from_checkpoint(path, arch, reward=cls.name, dtype=dtype), batch_size=batch_size)
+        return cls(OpenClipTower.from_checkpoint(path, arch, reward=cls.name, dtype=dtype), batch_size=batch_size,
+                   preprocess=preprocess)
 
     @classmethod
-    def from_config(cls, arch: str | dict = "ViT-H-14", *, batch_size: int = 32) -> "HPSv2":
+    def from_config(cls, arch: str | dict = "ViT-H-14", *, batch_size: int = 32, preprocess: str = "fast") -> "HPSv2":
         """Random weights — for tests and benchmarks."""
-        return cls(OpenClipTower.from_config(arch), batch_size=batch_size).eval()
+        return cls(OpenClipTower.from_config(arch), batch_size=batch_size, preprocess=preprocess).eval()
 
     def _pixels(self, images):
+        # upstream's ToTensor → tensor resize is what letterbox does; "exact" only snaps non-8-bit input to 8 bits
+        if self.preprocess == "exact":
+            images = quantize(images)
         return normalize(letterbox(images, self.tower.image_size))
 
 
@@ -128,12 +143,19 @@ class HPSv21(HPSv2):
 
 
 class _CropClipReward(ClipFamilyReward):
-    """Shortest side → size, centre crop, normalise with the folder's processor numbers."""
+    """Shortest side → size, centre crop, normalise with the folder's processor numbers.
+
+    ``crop_rounding`` says where an odd crop margin goes, as the scorer's own pipeline does: transformers'
+    ``CLIPImageProcessor`` (PickScore, CLIPScore) floors the offset, torchvision's ``CenterCrop`` in OpenAI CLIP's
+    transform (the aesthetic predictor) rounds it — one pixel apart, which moves a score visibly.
+    """
 
     folder_hint = "pass checkpoint=<a transformers CLIP folder>"
+    crop_rounding = "floor"
 
-    def __init__(self, tower: HFClipTower, *, processor: dict | None = None, batch_size: int = 32):
-        super().__init__(tower, batch_size=batch_size)
+    def __init__(self, tower: HFClipTower, *, processor: dict | None = None, batch_size: int = 32,
+                 preprocess: str = "fast"):
+        super().__init__(tower, batch_size=batch_size, preprocess=preprocess)
         self.processor = processor or read_processor_config(None, tower.image_size)
 
     @classmethod
@@ -150,7 +172,10 @@ class _CropClipReward(ClipFamilyReward):
 
     def _pixels(self, images):
         p = self.processor
-        x = resize_center_crop(images, p["size"], p["crop"], rounding="floor")
+        if self.preprocess == "exact":
+            x = pil_resize_center_crop(images, p["size"], p["crop"], rounding=self.crop_rounding)
+        else:
+            x = resize_center_crop(images, p["size"], p["crop"], rounding=self.crop_rounding)
         return normalize(x, p["mean"], p["std"])
 
 
@@ -173,8 +198,8 @@ class CLIPScore(_CropClipReward):
     folder_hint = "pass checkpoint=<a transformers CLIP folder, e.g. openai/clip-vit-base-patch32 as in the paper>"
 
     def __init__(self, tower: HFClipTower, *, processor: dict | None = None, batch_size: int = 32,
-                 w: float = 2.5, prefix: str = "A photo depicts "):
-        super().__init__(tower, processor=processor, batch_size=batch_size)
+                 w: float = 2.5, prefix: str = "A photo depicts ", preprocess: str = "fast"):
+        super().__init__(tower, processor=processor, batch_size=batch_size, preprocess=preprocess)
         self.w = float(w)
         self.prefix = prefix if not prefix or prefix.endswith(" ") else prefix + " "
         # σ(τ·Δcos) with CLIP's own temperature τ = exp(logit_scale), expressed on the w-scaled score
@@ -215,16 +240,18 @@ class LaionAesthetic(_CropClipReward):
 
     name = "aesthetic"
     needs_prompts = False
+    #: the predictor embeds with OpenAI CLIP's ``clip.load`` preprocess: torchvision Resize + CenterCrop (rounds)
+    crop_rounding = "round"
     head_file = "sac+logos+ava1-l14-linearMSE.pth"
 
     def __init__(self, tower: HFClipTower, head: AestheticMLP, *, processor: dict | None = None,
-                 batch_size: int = 32):
-        super().__init__(tower, processor=processor, batch_size=batch_size)
+                 batch_size: int = 32, preprocess: str = "fast"):
+        super().__init__(tower, processor=processor, batch_size=batch_size, preprocess=preprocess)
         self.head = head
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, *, clip: str | Path | None = None, batch_size: int = 32,
-                        dtype: torch.dtype = torch.float32) -> "LaionAesthetic":
+                        dtype: torch.dtype = torch.float32, preprocess: str = "fast") -> "LaionAesthetic":
         hint = (f"pass checkpoint='{cls.head_file}' and clip=<transformers CLIP ViT-L/14 folder, "
                 "openai/clip-vit-large-patch14>")
         path = require_file(path, reward=cls.name, what="the aesthetic head", hint=hint)
@@ -234,12 +261,14 @@ class LaionAesthetic(_CropClipReward):
         sd = read_state_dict(head_path, reward=cls.name)
         head = build_and_load(lambda: AestheticMLP(dim), sd, head_path, reward=cls.name)
         return cls(tower, head.eval(), processor=read_processor_config(clip_dir, tower.image_size),
-                   batch_size=batch_size)
+                   batch_size=batch_size, preprocess=preprocess)
 
     @classmethod
-    def from_config(cls, config: Any, tokenizer: Any = None, *, batch_size: int = 32) -> "LaionAesthetic":
+    def from_config(cls, config: Any, tokenizer: Any = None, *, batch_size: int = 32, preprocess: str = "fast",
+                    processor: dict | None = None) -> "LaionAesthetic":
         tower = HFClipTower.from_config(config, tokenizer)
-        return cls(tower, AestheticMLP(int(config.projection_dim)), batch_size=batch_size).eval()
+        return cls(tower, AestheticMLP(int(config.projection_dim)), batch_size=batch_size, preprocess=preprocess,
+                   processor=processor).eval()
 
     def _score(self, batch: Any, prompts: list[str] | None, **cond: Any) -> RewardOutput:
         emb = self.tower.image_features(self._pixels(self._images_to_device(batch)))

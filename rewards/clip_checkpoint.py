@@ -15,9 +15,9 @@ from typing import Callable, Mapping
 
 import torch
 
+from rewards.base import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint file that does not fit the architecture (missing/unexpected keys, wrong shapes, bad file)."""
+__all__ = ["CheckpointError", "require_file", "read_state_dict", "build_and_load"]
 
 
 def require_file(path: str | Path | None, *, reward: str, what: str, hint: str) -> Path:

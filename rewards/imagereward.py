@@ -8,7 +8,8 @@ Files, all local (nothing is fetched): ``ImageReward.pt`` (the released state di
 ``bert-base-uncased`` tokenizer folder (``vocab.txt``) — upstream downloads that vocabulary at load time, here
 it must be a path. Unlike upstream (one image per forward, ``strict=False``) images are scored in batches and
 the state dict must match exactly. Preprocessing runs on tensors (differentiable); upstream resizes with PIL,
-so pixels differ by about 1/255.
+so pixels differ by about 1/255 — ``preprocess="exact"`` takes upstream's PIL/uint8 path (torchvision Resize +
+CenterCrop, rounded offsets) for identical pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rewards.blip import BlipBackbone, BlipVisionConfig, MedTextConfig
 from rewards.clip import AestheticMLP
 from rewards.clip_checkpoint import build_and_load, read_state_dict, require_file
 from rewards.clip_preprocess import normalize, resize_center_crop
+from rewards.clip_preprocess_exact import check_mode, pil_resize_center_crop
 
 MEAN = 0.16717362830052426
 STD = 1.0333394966054072
@@ -54,20 +56,27 @@ class ImageReward(RewardModel):
     name = "imagereward"
     modality = "image"
     compare_scale = STD
+    preprocess_modes = ("fast", "exact")
 
-    def __init__(self, net: ImageRewardNet, tokenizer: Any, *, batch_size: int = 32):
+    def __init__(self, net: ImageRewardNet, tokenizer: Any, *, batch_size: int = 32, preprocess: str = "fast"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.net = net
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        #: "fast": batched float tensors (differentiable); "exact": upstream's PIL/uint8 path, identical pixels
+        self.preprocess = check_mode(preprocess, self.name)
+        if self.preprocess == "exact":
+            self.supports_grad = False
+            self.no_grad_reason = "preprocess='exact' goes through 8-bit PIL images; use preprocess='fast'"
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, *, med_config: str | Path | None = None,
                         tokenizer: str | Path | None = None, vision: dict | BlipVisionConfig | None = None,
-                        batch_size: int = 32, dtype: torch.dtype = torch.float32) -> "ImageReward":
+                        batch_size: int = 32, dtype: torch.dtype = torch.float32,
+                        preprocess: str = "fast") -> "ImageReward":
         """``path``: ``ImageReward.pt`` or the folder holding it. ``med_config`` defaults to the
         ``med_config.json`` beside it; ``tokenizer`` to a folder with ``vocab.txt`` beside it (itself,
         ``tokenizer/`` or ``bert-base-uncased/``). ``vision`` overrides the ViT-L/16 224 px settings."""
@@ -93,15 +102,16 @@ class ImageReward(RewardModel):
         if len(tok) > text_cfg.vocab_size:
             raise ValueError(f"reward {cls.name!r}: tokenizer in {tok_dir} has {len(tok)} tokens but "
                              f"{med_path} says vocab_size={text_cfg.vocab_size}")
-        return cls(net.eval(), tok, batch_size=batch_size)
+        return cls(net.eval(), tok, batch_size=batch_size, preprocess=preprocess)
 
     @classmethod
     def from_config(cls, vision: dict | BlipVisionConfig, text: dict | MedTextConfig, tokenizer: Any,
-                    *, batch_size: int = 32) -> "ImageReward":
+                    *, batch_size: int = 32, preprocess: str = "fast") -> "ImageReward":
         """Random weights — for tests and benchmarks. ``tokenizer``: a tokenizer object or a folder."""
         text_cfg = text if isinstance(text, MedTextConfig) else MedTextConfig.from_dict(text)
         tok = load_blip_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-        return cls(ImageRewardNet(_vision_config(vision), text_cfg), tok, batch_size=batch_size).eval()
+        return cls(ImageRewardNet(_vision_config(vision), text_cfg), tok, batch_size=batch_size,
+                   preprocess=preprocess).eval()
 
     # --- scoring --------------------------------------------------------------------------------------
     @property
@@ -125,7 +135,9 @@ class ImageReward(RewardModel):
         p = next(self.net.parameters())
         images = batch.to(p.device, torch.float32) if isinstance(batch, torch.Tensor) else \
             [t.to(p.device, torch.float32) for t in batch]
-        pixels = normalize(resize_center_crop(images, self.image_size, rounding="round")).to(p.dtype)
+        # upstream: Resize(224, bicubic) + CenterCrop(224) of torchvision (rounded offsets), as OpenAI CLIP's
+        crop = pil_resize_center_crop if self.preprocess == "exact" else resize_center_crop
+        pixels = normalize(crop(images, self.image_size, rounding="round")).to(p.dtype)
         tok = self.tokenize(prompts)
         raw = self.net.raw(pixels, tok["input_ids"].to(p.device), tok["attention_mask"].to(p.device))
         return RewardOutput(scores=(raw - MEAN) / STD)

@@ -32,10 +32,12 @@ class RewardScorer:
     """The per-actor scorer: one reward loaded in ``__init__``, batches of {idx, path, prompt} scored in
     ``__call__`` (Ray Data's numpy batch format: dict of arrays)."""
 
-    def __init__(self, reward_name: str, checkpoint: str | None, device: str, has_prompts: bool,
-                 reward_kwargs: dict[str, Any]):
+    def __init__(self, reward_name: Any, checkpoint: str | None, device: str, has_prompts: bool,
+                 reward_kwargs: dict[str, Any], plugins: Sequence[str] = ()):
+        from rewards.plugins import load_plugins
         from rewards.registry import load_reward
 
+        load_plugins(plugins)  # each actor is its own process: user rewards are registered there too
         self.reward = load_reward(reward_name, checkpoint=checkpoint, device=device, **reward_kwargs)
         self.has_prompts = has_prompts
 
@@ -52,15 +54,18 @@ class RewardScorer:
         return out
 
 
-def run_score_ray(reward_name: str, checkpoint: str | Path | None, prompts_file: str | Path | None,
+def run_score_ray(reward_name: Any, checkpoint: str | Path | None, prompts_file: str | Path | None,
                   media: Sequence[str | Path], out: str | Path, batch_size: int = 32, device: str = "cpu",
                   num_actors: int = 2, *, progress: bool = True, num_cpus_per_actor: float = 1.0,
-                  **reward_kwargs: Any) -> Path:
+                  plugins: Sequence[str] = (), **reward_kwargs: Any) -> Path:
     """Like ``rewards.scoring.run_score`` but over ``num_actors`` Ray actors. Uses the running Ray cluster
     (``ray.init`` / ``RAY_ADDRESS``) or starts a local one and shuts it down afterwards. ``device="cuda"``
     gives each actor one GPU. Returns the path of ``out``."""
-    from rewards.registry import reward_class
+    from rewards.plugins import load_plugins
+    from rewards.registry import spec_modality
 
+    plugins = [str(Path(p).resolve()) if str(p).endswith(".py") else str(p) for p in plugins]
+    load_plugins(plugins)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if num_actors < 1:
@@ -70,7 +75,7 @@ def run_score_ray(reward_name: str, checkpoint: str | Path | None, prompts_file:
         raise ValueError(f"output {out}: unknown format {suffix or '(no suffix)'}; use .csv or .json")
     if checkpoint is not None and not Path(checkpoint).exists():
         raise FileNotFoundError(f"reward {reward_name!r}: checkpoint not found: {checkpoint}")
-    modality = getattr(reward_class(reward_name), "modality", "image")
+    modality = spec_modality(reward_name)
     paths = expand_media(media, modality)
     prompts = None if prompts_file is None else read_prompts(prompts_file, len(paths))
 
@@ -97,7 +102,7 @@ def run_score_ray(reward_name: str, checkpoint: str | Path | None, prompts_file:
             fn_constructor_kwargs={"reward_name": reward_name,
                                    "checkpoint": None if checkpoint is None else str(checkpoint),
                                    "device": str(device), "has_prompts": prompts is not None,
-                                   "reward_kwargs": dict(reward_kwargs)},
+                                   "reward_kwargs": dict(reward_kwargs), "plugins": list(plugins)},
             num_cpus=num_cpus_per_actor, num_gpus=1 if gpu else 0)
         scored = ds.take_all()
     finally:

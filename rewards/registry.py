@@ -2,7 +2,9 @@
 
 Built-in rewards are listed as "module:Class" strings and imported on first use, so ``import rewards`` stays
 cheap and needs no optional extra. A reward class provides ``from_checkpoint(path, **kw)`` (local files only)
-and ``from_config(config)`` (random weights — what the tests use).
+and ``from_config(config)`` (random weights — what the tests use). Besides the registered names, a reward can be
+named as ``module:Class`` (a user reward, ``rewards.plugins``) and ``load_reward`` takes a weighted list of
+rewards (``rewards.reward_spec``) and returns their weighted sum.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardModel
+from rewards.plugins import import_reward_class, is_class_path
 
 _BUILTIN: dict[str, str] = {
     "shapes-oracle": "rewards.oracle:ShapesOracle",
@@ -55,24 +58,50 @@ def list_rewards() -> list[str]:
 
 
 def reward_class(name: str) -> type[RewardModel]:
+    """The class behind a registered name or a ``module:Class`` user reward (imported and checked)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a reward name is a string, got {type(name).__name__} (lists go to load_reward)")
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name not in _BUILTIN:
+        if is_class_path(name):
+            return import_reward_class(name)
         import difflib
 
         hint = difflib.get_close_matches(name, list_rewards(), n=1)
         raise KeyError(f"unknown reward {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                       + f"; known: {', '.join(list_rewards())}")
+                       + f"; known: {', '.join(list_rewards())}; or a user reward as 'module:Class', or list the "
+                       "module/file that registers it under plugins")
     module, cls = _BUILTIN[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def load_reward(name: str, checkpoint: str | Path | None = None, *, device: Any = None,
+def spec_modality(spec: Any) -> str:
+    """The modality a reward spec scores (a name, ``module:Class`` or a weighted list), without loading weights;
+    a list mixing modalities is an error naming its members."""
+    from rewards.reward_spec import normalize_reward_spec, spec_names
+
+    names = spec_names(normalize_reward_spec(spec))
+    modalities = {n: getattr(reward_class(n), "modality", "image") for n in names}
+    if len(set(modalities.values())) > 1:
+        raise ValueError("a reward list must score one modality; got "
+                         + ", ".join(f"{n} ({m})" for n, m in modalities.items()))
+    return next(iter(modalities.values()))
+
+
+def load_reward(name: Any, checkpoint: str | Path | None = None, *, device: Any = None,
                 **kwargs: Any) -> RewardModel:
     """Build reward ``name`` from local weights (``checkpoint``: a file or folder in the model's released
     layout). Rewards with no weights (the toy-world oracle) take no checkpoint; a reward that needs one raises
-    an error naming the file to pass."""
+    an error naming the file to pass.
+
+    ``name`` may also be ``module:Class`` (a user reward) or a weighted list ``[{name, weight, checkpoint,
+    options}, …]``: the result is then a ``WeightedReward`` (Σ wᵢ·rᵢ, each member's score in ``per_dim``);
+    ``kwargs`` go to every member, under each entry's own ``options``."""
+    if not isinstance(name, str):
+        return _load_weighted(name, checkpoint, device, kwargs)
     cls = reward_class(name)
+    _check_preprocess(cls, name, kwargs)
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.exists():
@@ -84,3 +113,37 @@ def load_reward(name: str, checkpoint: str | Path | None = None, *, device: Any 
         model = model.to(device)
     return model.eval()
 
+
+
+def _load_weighted(spec: Any, checkpoint: Any, device: Any, kwargs: dict) -> RewardModel:
+    from rewards.reward_spec import normalize_reward_spec
+    from rewards.weighted import WeightedReward
+
+    terms = normalize_reward_spec(spec)
+    if checkpoint is not None:
+        raise ValueError(f"a reward list takes a checkpoint per entry ({{name, weight, checkpoint}}), not one "
+                         f"checkpoint ({checkpoint})")
+    members, labels = [], []
+    for term in terms:
+        member = load_reward(term.name, checkpoint=term.checkpoint, device=device, **{**kwargs, **term.options})
+        members.append((member, term.weight))
+        labels.append(member.name if member.name != RewardModel.name else term.name)
+    return WeightedReward(members, labels=labels).eval()
+
+
+def _check_preprocess(cls: type[RewardModel], name: str, kwargs: dict) -> None:
+    """``preprocess=`` is offered by the rewards that list the modes in ``preprocess_modes``; name the others."""
+    mode = kwargs.get("preprocess")
+    if mode is None:
+        return
+    modes = tuple(getattr(cls, "preprocess_modes", ()))
+    if mode not in modes:
+        offered = sorted(n for n in _BUILTIN if n in ("hpsv2", "hpsv2.1", "pickscore", "clipscore", "aesthetic",
+                                                      "imagereward"))
+        if modes:
+            raise ValueError(f"reward {name!r}: preprocess must be one of {', '.join(modes)}, got {mode!r}")
+        if mode == "fast":  # the only path there is
+            kwargs.pop("preprocess")
+            return
+        raise ValueError(f"reward {name!r} has no preprocess={mode!r} option (its preprocessing is its own); "
+                         f"the CLIP/BLIP-family rewards offer 'exact': {', '.join(offered)}")

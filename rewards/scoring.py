@@ -136,15 +136,20 @@ def write_scores(rows: Sequence[dict], out: str | Path) -> Path:
     return out
 
 
-def run_score(reward_name: str, checkpoint: str | Path | None, prompts_file: str | Path | None,
+def run_score(reward_name: Any, checkpoint: str | Path | None, prompts_file: str | Path | None,
               media: Sequence[str | Path], out: str | Path, batch_size: int = 32, device: str = "cpu",
-              *, progress: bool = True, **reward_kwargs: Any) -> Path:
+              *, progress: bool = True, plugins: Sequence[str] = (), **reward_kwargs: Any) -> Path:
     """``diffalign score``: load ``reward_name`` from ``checkpoint``, score ``media`` (files or folders)
     against the prompts in ``prompts_file`` (None for prompt-free rewards such as ``aesthetic``), write
-    ``out``; returns its path. ``reward_kwargs`` go to ``load_reward`` (e.g. ``clip=`` for ``aesthetic``)."""
-    from rewards.registry import load_reward, reward_class
+    ``out``; returns its path. ``reward_kwargs`` go to ``load_reward`` (e.g. ``clip=`` for ``aesthetic``,
+    ``preprocess="exact"`` for the CLIP/BLIP family). ``reward_name`` may be ``module:Class`` or a weighted
+    list (then one ``score_<reward>`` column per member beside the weighted ``score``); ``plugins`` are
+    imported first."""
+    from rewards.plugins import load_plugins
+    from rewards.registry import load_reward, spec_modality
 
-    modality = getattr(reward_class(reward_name), "modality", "image")
+    load_plugins(plugins)
+    modality = spec_modality(reward_name)
     paths = expand_media(media, modality)
     prompts = None if prompts_file is None else read_prompts(prompts_file, len(paths))
     reward = load_reward(reward_name, checkpoint=checkpoint, device=device, **reward_kwargs)

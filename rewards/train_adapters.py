@@ -26,8 +26,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffalign.atomic import atomic_path, atomic_write_text
 from rewards.base import RewardModel
 
 TRAINABLE = ("aesthetic", "pickscore", "clipscore", "hpsv2", "hpsv2.1", "imagereward")
@@ -107,14 +106,9 @@ def _swapped(module: nn.Module, name: str, value: Any) -> Iterator[None]:
 
 
 def _tensor_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``torch.save`` through the project's atomic write (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -309,14 +303,7 @@ class ImageRewardAdapter(RewardAdapter):
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 # --- lookup -------------------------------------------------------------------------------------------------

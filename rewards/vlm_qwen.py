@@ -18,14 +18,12 @@ from typing import Any, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from rewards.base import CheckpointError  # the one checkpoint error of every reward (re-exported here)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 VIDEO_MIN_PIXELS = 128 * 28 * 28
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture (missing/unexpected keys, wrong shapes, bad config)."""
 
 
 @dataclass

@@ -57,3 +57,12 @@ def test_scores_are_no_grad_unless_asked():
     assert not r.score(x, "a").requires_grad
     r.score(x, "a", differentiable=True).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_one_checkpoint_error_class_for_every_reward_family():
+    """CLIP/BLIP loaders and the VLM loaders raise the same class, so one ``except`` covers every reward."""
+    import rewards
+    from rewards import clip_checkpoint, vlm_qwen
+
+    assert clip_checkpoint.CheckpointError is vlm_qwen.CheckpointError is rewards.CheckpointError
+    assert issubclass(rewards.CheckpointError, ValueError)

@@ -211,7 +211,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
 
 
-def _write_clip_folder(folder, seed: int, projection_dim: int = 16):
+def _write_clip_folder(folder, seed: int, projection_dim: int = 16, image_size: int = 32, patch_size: int = 8):
     """A transformers CLIP folder: config + safetensors + a byte-level BPE tokenizer (no merges: any text
     tokenises) + preprocessor_config.json — the layout of PickScore_v1 / openai CLIP releases, tiny."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -230,13 +230,14 @@ def _write_clip_folder(folder, seed: int, projection_dim: int = 16):
                          vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
                          eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+                           image_size=image_size, patch_size=patch_size),
         projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(cfg).eval()
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
 
 
@@ -396,3 +397,170 @@ def test_aesthetic_head_errors(aesthetic_files, clip_folder, tmp_path):
     # a head trained on another CLIP width (here 24-d) cannot sit on a 16-d CLIP
     with pytest.raises(CheckpointError, match="layers.0.weight"):
         load_reward("aesthetic", checkpoint=head, clip=clip_folder)
+
+
+def _aesthetic_head(dim: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    dims = [dim, 1024, 128, 64, 16, 1]
+    return {f"layers.{idx}.{kind}": (torch.randn(o, i) / math.sqrt(i) if kind == "weight" else torch.randn(o) * 0.1)
+            for idx, (i, o) in zip([0, 2, 4, 6, 7], zip(dims[:-1], dims[1:])) for kind in ("weight", "bias")}
+
+
+@pytest.fixture(scope="module")
+def aesthetic_224(tmp_path_factory):
+    """An aesthetic predictor at the released 224 px geometry (tiny widths, patch 32), so real margins occur."""
+    root = tmp_path_factory.mktemp("aesthetic224")
+    _write_clip_folder(root / "clip", seed=7, projection_dim=24, image_size=224, patch_size=32)
+    torch.save(_aesthetic_head(24, seed=8), root / "sac+logos+ava1-l14-linearMSE.pth")
+    return root
+
+
+@pytest.mark.parametrize("wh, offsets", [((303, 200), (0, 58)), ((201, 333), (74, 0))],
+                         ids=["303x200", "201x333"])
+def test_aesthetic_crop_rounds_odd_margins_like_openai_clip(aesthetic_224, wh, offsets):
+    """OpenAI CLIP's CenterCrop puts an odd margin's extra pixel by round(), not floor: 303×200 resizes to
+    339×224 (margin 115 → left 58, floor would say 57); 201×333 to 224×371 (margin 147 → top 74, not 73)."""
+    import torchvision.transforms.functional as TF
+    from transformers import CLIPModel
+
+    r = load_reward("aesthetic", checkpoint=aesthetic_224)
+    w, h = wh
+    rng = np.random.default_rng(w)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    x = TF.to_tensor(img)
+    nh, nw = (224, 224 * w // h) if h <= w else (224 * h // w, 224)
+    resized = TF.resize(x, [nh, nw], interpolation=TF.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    model = CLIPModel.from_pretrained(aesthetic_224 / "clip").eval()
+    head = _aesthetic_head(24, seed=8)
+
+    def reference(top: int, left: int) -> float:
+        pix = TF.normalize(resized[:, top:top + 224, left:left + 224], CLIP_MEAN, CLIP_STD).unsqueeze(0)
+        with torch.no_grad():
+            e = F.normalize(model.visual_projection(model.vision_model(pixel_values=pix).pooler_output), dim=-1)
+            for idx in (0, 2, 4, 6, 7):
+                e = e @ head[f"layers.{idx}.weight"].T + head[f"layers.{idx}.bias"]
+        return float(e)
+
+    top, left = offsets
+    ours = float(r.score([img]))
+    assert ours == pytest.approx(reference(top, left), abs=1e-5)
+    floor_top, floor_left = max(top - 1, 0), max(left - 1, 0)  # the one-pixel-off crop the floor gave
+    assert abs(ours - reference(floor_top, floor_left)) > 1e-4
+
+
+# --- preprocess="exact": the upstream PIL/uint8 paths ------------------------------------------------------
+
+# sizes whose margins at 32 px are odd with floor(m/2) odd, so floor and round crops differ (49×33 → 47×32,
+# margin 15), plus up- and down-scaling and both orientations
+EXACT_SIZES = [(49, 33), (33, 61), (50, 64), (17, 23), (96, 48), (303, 200)]
+
+
+def _odd_images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in EXACT_SIZES]
+
+
+def _openai_clip_transform(size: int):
+    """OpenAI CLIP's ``clip.load`` preprocess (the aesthetic predictor's and, at 224, ImageReward's), built from
+    torchvision: Resize(size, bicubic) on the PIL image → CenterCrop(size) → ToTensor → Normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
+
+
+def test_pickscore_exact_equals_transformers_pil_processor(clip_folder):
+    """transformers' PIL-backend CLIPImageProcessor (the processor PickScore was released with): identical
+    pixels, and scores equal to 1e-5 relative; the fast path is ~1/255 away."""
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    exact = load_reward("pickscore", checkpoint=clip_folder, preprocess="exact")
+    fast = load_reward("pickscore", checkpoint=clip_folder)
+    imgs = _odd_images()
+    prompts = (PROMPTS * 2)[:len(imgs)]
+    proc = CLIPImageProcessorPil.from_pretrained(clip_folder)
+    ref_pix = torch.stack([proc(images=[im], return_tensors="pt")["pixel_values"][0] for im in imgs])
+    batch = exact._prepare(imgs)
+    assert float((exact._pixels(batch) - ref_pix).abs().max()) < 1e-6
+    assert float((fast._pixels(batch) - ref_pix).abs().max()) > 1e-3  # the fast path is not the same pixels
+
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    tok = AutoTokenizer.from_pretrained(clip_folder)
+    with torch.no_grad():
+        fi = F.normalize(model.visual_projection(model.vision_model(pixel_values=ref_pix).pooler_output), dim=-1)
+        t = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        ft = F.normalize(model.text_projection(model.text_model(**t).pooler_output), dim=-1)
+        ref = model.logit_scale.exp() * (fi * ft).sum(-1)
+    assert _rel(exact.score(imgs, prompts), ref) <= 1e-5
+    clipscore = load_reward("clipscore", checkpoint=clip_folder, prefix="", preprocess="exact")
+    assert _rel(clipscore.score(imgs, prompts), 2.5 * (fi * ft).sum(-1).clamp(min=0)) <= 1e-5
+
+
+@pytest.mark.parametrize("folder", ["aesthetic_files", "aesthetic_224"])
+def test_aesthetic_exact_equals_openai_clip_transform(folder, request):
+    """The aesthetic predictor's own pipeline: OpenAI CLIP's PIL transform (rounded crop offsets), CLIP-L image
+    embedding, L2 normalisation, the affine head."""
+    from transformers import CLIPModel
+
+    if folder == "aesthetic_files":
+        head, clip, sd = request.getfixturevalue(folder)
+        r = load_reward("aesthetic", checkpoint=head, clip=clip, preprocess="exact")
+    else:
+        root = request.getfixturevalue(folder)
+        clip, sd = root / "clip", _aesthetic_head(24, seed=8)
+        r = load_reward("aesthetic", checkpoint=root, preprocess="exact")
+    size = r.processor["size"]
+    imgs = _odd_images(1) + [Image.fromarray(np.random.default_rng(2).integers(0, 256, (333, 201, 3),
+                                                                               dtype=np.uint8))]
+    pix = torch.stack([_openai_clip_transform(size)(im) for im in imgs])
+    assert float((r._pixels(r._prepare(imgs)) - pix).abs().max()) < 1e-6
+    model = CLIPModel.from_pretrained(clip).eval()
+    with torch.no_grad():
+        e = F.normalize(model.visual_projection(model.vision_model(pixel_values=pix).pooler_output), dim=-1)
+        for idx in (0, 2, 4, 6, 7):
+            e = e @ sd[f"layers.{idx}.weight"].T + sd[f"layers.{idx}.bias"]
+    assert _rel(r.score(imgs), e.squeeze(-1)) <= 1e-5
+
+
+def test_hps_exact_scores_float_input_as_its_saved_8bit_image(hps_ckpt, hps_reference):
+    """HPS's upstream transform is ToTensor + tensor resize, i.e. the fast path on 8-bit input; "exact" makes a
+    float image (generator output) score as that image written to a PNG and read back by hpsv2 would."""
+    exact = load_reward("hpsv2.1", checkpoint=hps_ckpt, arch=OC_CFG, preprocess="exact")
+    fast = load_reward("hpsv2.1", checkpoint=hps_ckpt, arch=OC_CFG)
+    x = torch.rand(3, 3, 40, 56)
+    saved = [Image.fromarray(t.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()) for t in x]
+    ref = torch.tensor([hps_reference(im, p) for im, p in zip(saved, PROMPTS)])
+    assert _rel(exact.score(x, PROMPTS[:3]), ref) <= 1e-5
+    imgs = _odd_images()
+    torch.testing.assert_close(exact.score(imgs, PROMPTS + PROMPTS[:1]), fast.score(imgs, PROMPTS + PROMPTS[:1]))
+
+
+def test_exact_preprocess_is_not_differentiable_and_modes_are_checked(clip_folder):
+    r = load_reward("pickscore", checkpoint=clip_folder, preprocess="exact")
+    with pytest.raises(RewardInputError, match="preprocess='exact'.*preprocess='fast'"):
+        r.score(torch.rand(1, 3, 32, 32, requires_grad=True), PROMPTS[:1], differentiable=True)
+    with pytest.raises(ValueError, match="preprocess must be one of fast, exact, got 'pil'"):
+        load_reward("pickscore", checkpoint=clip_folder, preprocess="pil")
+    with pytest.raises(ValueError, match="shapes-oracle.*no preprocess='exact' option"):
+        load_reward("shapes-oracle", preprocess="exact")
+
+
+def test_score_command_preprocess_exact(clip_folder, tmp_path):
+    from diffalign.cli import main
+
+    imgs = _odd_images(3)
+    for i, im in enumerate(imgs):
+        im.save(tmp_path / f"{i}.png")
+    (tmp_path / "p.txt").write_text("a photo of a dog\n")
+    out = tmp_path / "s.json"
+    assert main(["score", "--reward", "pickscore", "--checkpoint", str(clip_folder), "--preprocess", "exact",
+                 "--prompts", str(tmp_path / "p.txt"), *[str(tmp_path / f"{i}.png") for i in range(len(imgs))],
+                 "--out", str(out)]) == 0
+    got = torch.tensor([r["score"] for r in json.loads(out.read_text())])
+    want = load_reward("pickscore", checkpoint=clip_folder, preprocess="exact").score(imgs, "a photo of a dog")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -245,3 +245,29 @@ def test_wrong_modality(reward, bad):
         reward.score(bad, PROMPTS[:1])
     with pytest.raises(RewardInputError, match="prompt"):
         reward.score(torch.rand(1, 3, 32, 32))
+
+
+def test_exact_preprocess_equals_upstream_pil_transform(reward, release):
+    """preprocess="exact": ImageReward's own transform — torchvision Resize(bicubic) on the PIL image →
+    CenterCrop (rounded offsets) → ToTensor → Normalize — gives identical pixels and the score to 1e-5
+    relative; the default fast path is ~1/255 per pixel away."""
+    from torchvision import transforms as T
+
+    root, sd = release
+    exact = load_reward("imagereward", checkpoint=root / "ImageReward.pt", vision=VISION, preprocess="exact")
+    upstream = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                          lambda im: im.convert("RGB"), T.ToTensor(),
+                          T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    rng = np.random.default_rng(3)
+    sizes = [(49, 33), (33, 61), (90, 45), (20, 31)]  # 49×33 → 47×32: margin 15, round puts the crop at 8
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    pixels = torch.stack([upstream(im) for im in imgs])
+    tok = exact.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        ref = reference_reward(sd, pixels, tok["input_ids"], tok["attention_mask"])
+    ours = exact.score(imgs, PROMPTS)
+    assert float(((ours - ref).abs() / ref.abs()).max()) <= 1e-5
+    fast = reward.score(imgs, PROMPTS)
+    assert float((fast - ref).abs().max()) > 1e-5  # the fast path is close, not identical
+    with pytest.raises(RewardInputError, match="preprocess='exact'"):
+        exact.score(torch.rand(1, 3, 32, 32), PROMPTS[:1], differentiable=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from diffalign.config import Variant
+from rewards.reward_spec import normalize_reward_spec
 
 
 @dataclass
@@ -33,7 +34,9 @@ class SynthConfig:
     samples_per_prompt: int = 8
     #: independent groups of K per prompt
     groups: int = 4
-    reward: str = "shapes-oracle"
+    #: a reward name, a user reward "module:Class", or a weighted list [{name, weight, checkpoint, options}];
+    #: a list is combined as the weighted mean of per-reward z-scores (the ensemble below, with weights)
+    reward: Any = "shapes-oracle"
     reward_checkpoint: str | None = None
     pair_strategy: Literal["best_worst", "all"] = "best_worst"
     min_margin: float = 0.0
@@ -43,6 +46,9 @@ class SynthConfig:
     #: more rewards for an ensemble (RankDPO's Syn-Pic): with any, ``reward`` and these are combined as
     #: equal-weight z-scores and each member's raw scores are kept for per-reward win counts
     ensemble: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.reward = normalize_reward_spec(self.reward, key="reward")
 
 
 @dataclass
@@ -83,6 +89,25 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def __post_init__(self):
+        """Sizes and step counts checked when the recipe loads: a zero batch fails deep in the loss, and a
+        negative step count "finishes" at once with an untrained LoRA and exit code 0."""
+        for key in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "max_nonfinite_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{key} must be a whole number ≥ 1, got {value!r}")
+        for key in ("lr_warmup_steps", "checkpointing_steps"):  # 0 = none / never
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train.{key} must be a whole number ≥ 0, got {value!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"train.checkpoints_total_limit must be ≥ 1 or null, got {self.checkpoints_total_limit}")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise ValueError(f"train.learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"train.max_grad_norm must be ≥ 0 (0 = no clipping), got {self.max_grad_norm!r}")
+
 
 @dataclass
 class EvalConfig:
@@ -90,12 +115,17 @@ class EvalConfig:
     seeds: int = 32
     steps: int = 20
     guidance: float = 3.0
-    reward: str = "shapes-oracle"
+    #: a reward name, "module:Class", or a weighted list [{name, weight, checkpoint, options}]: the headline is
+    #: the weighted sum, and every listed reward is also reported on its own
+    reward: Any = "shapes-oracle"
     reward_checkpoint: str | None = None
     #: also report the training prompts (in-distribution)
     train_prompts: str | None = None
     #: samples per prompt shown in the PNG grid
     grid_seeds: int = 8
+
+    def __post_init__(self):
+        self.reward = normalize_reward_spec(self.reward, key="reward")
 
 
 @dataclass
@@ -115,10 +145,14 @@ class DPOConfig(MethodConfig):
 
 @dataclass
 class RewardSource:
-    """The reward a method scores with itself (SmPO's p, PRDP's online rewards): any registered name."""
+    """The reward a method scores with itself (SmPO's p, PRDP's online rewards): a registered name, a user
+    reward "module:Class", or a weighted list [{name, weight, checkpoint, options}] (scored as Σ wᵢ·rᵢ)."""
 
-    reward: str = "shapes-oracle"
+    reward: Any = "shapes-oracle"
     reward_checkpoint: str | None = None
+
+    def __post_init__(self):
+        self.reward = normalize_reward_spec(self.reward, key="reward")
 
 
 @dataclass
@@ -244,8 +278,12 @@ class Recipe:
     #: product at most MAX_GRID_POINTS points); the best point by *validation* reward is the one reported.
     #: ``diffalign train`` ignores it and trains the values written above.
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    #: modules (my_pkg.my_rewards) or .py files imported before the run, so the rewards they register
+    #: (``@register_reward``) can be named in this recipe
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        self._check_rewards()
         n = 1
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
@@ -259,3 +297,25 @@ class Recipe:
                              "'prompts' (online methods)")
         if len(given) > 1:
             raise ValueError(f"data: {' and '.join(repr(k) for k in given)} are exclusive")
+
+    def _check_rewards(self) -> None:
+        """Import the plugins and resolve every reward the recipe names, so a bad plugin, ``module:Class`` or
+        name fails at load time — before anything is sampled, trained or written."""
+        from rewards.plugins import load_plugins
+        from rewards.reward_spec import check_reward_spec
+
+        try:
+            load_plugins(self.plugins)
+        except ValueError as exc:
+            raise ValueError(f"plugins: {exc}") from exc
+        named: list[tuple[str, Any, str | None]] = []
+        if self.data.synth is not None:
+            s = self.data.synth
+            named.append(("data.synth.reward", s.reward, s.reward_checkpoint))
+            named += [(f"data.synth.ensemble[{i}]", n, None) for i, n in enumerate(s.ensemble)]
+        if self.eval is not None:
+            named.append(("eval.reward", self.eval.reward, self.eval.reward_checkpoint))
+        if isinstance(self.method, RewardSource):
+            named.append(("method.reward", self.method.reward, self.method.reward_checkpoint))
+        for key, spec, checkpoint in named:
+            check_reward_spec(spec, checkpoint, key=key)

@@ -165,13 +165,20 @@ class Trainer:
         path = Path(input_dir) / TRAINABLE_FILE
         if not path.is_file():
             raise TrainingError(f"checkpoint {input_dir} has no {TRAINABLE_FILE}")
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises SafetensorError (truncated header/data), OSError, …
+            raise TrainingError(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}); the file "
+                                "is truncated or corrupt — resume from an earlier checkpoint") from None
         expected = set(self.trainable_names)
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise TrainingError(f"{path}: trainable weights do not match this model (missing {sorted(missing)[:5]}, "
                                 f"unexpected {sorted(unexpected)[:5]}) — was it written with another LoRA config?")
         params = dict(self.gen.denoiser.named_parameters())
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise TrainingError(f"{path}: {_shape_mismatch(name, tuple(value.shape), tuple(params[name].shape))}")
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -222,8 +229,12 @@ class Trainer:
             if not (path / STATE_FILE).is_file():
                 raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a checkpoint folder "
                                         f"(no {STATE_FILE})")
+        saved = json.loads((path / STATE_FILE).read_text())
+        if saved.get("seed", self.seed) != self.seed:  # the seed picks every batch and noise draw: a silent change
+            raise TrainingError(f"{path}: the checkpoint was trained with seed {saved['seed']}, this run has seed "
+                                f"{self.seed}; set seed: {saved['seed']} to resume, or use a new output_dir")
         self.accelerator.load_state(str(path))
-        self.global_step = json.loads((path / STATE_FILE).read_text())["global_step"]
+        self.global_step = saved["global_step"]
         self.accelerator.print(f"resumed from {path} at step {self.global_step}")
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -253,8 +264,9 @@ class Trainer:
         last: dict[str, float] = {}
         while self.global_step < cfg.max_train_steps:
             step = self.global_step
-            metrics_acc: dict[str, float] = {}
-            ok = True
+            # Metrics stay on the device until the step's end: one host sync per step instead of one per value
+            # (each sync stalls the GPU queue; between forward and backward that costs a launch-bound bubble).
+            sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.gradient_accumulation_steps):
                 batch = self._micro_batch(step, micro)
                 rng = step_rng(self.seed, step, micro, acc.process_index)
@@ -263,20 +275,16 @@ class Trainer:
                 with ctx:
                     with self.gen.running(self.model), acc.autocast():
                         loss, metrics = self.objective.loss(self.gen, batch, rng, self.reference)
-                    finite = self._all_finite(loss.detach())  # every rank agrees, so DDP stays in step
-                    if finite:
-                        acc.backward(loss / cfg.gradient_accumulation_steps)
-                if not finite:
-                    ok = False
-                    break
-                for k, v in metrics.items():
-                    metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
-                metrics_acc["loss"] = metrics_acc.get("loss", 0.0) + float(loss.detach()) / cfg.gradient_accumulation_steps
-            grad_norm = None
-            if ok:
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                if grad_norm is not None and not self._all_finite(torch.as_tensor(grad_norm)):
-                    ok = False
+                    # no finiteness check here: a non-finite loss gives non-finite gradients, and both are
+                    # checked once below, on every rank alike, before the optimizer may step
+                    acc.backward(loss / cfg.gradient_accumulation_steps)
+                for k, v in (*metrics.items(), ("loss", loss)):
+                    v = torch.as_tensor(v, device=acc.device).detach().float().reshape(()) / cfg.gradient_accumulation_steps
+                    sums[k] = sums[k] + v if k in sums else v
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            checked = sums["loss"] if grad_norm is None else torch.stack(
+                [sums["loss"], torch.as_tensor(grad_norm, device=acc.device).float()])
+            ok = self._all_finite(checked)
             if not ok:
                 self.optimizer.zero_grad(set_to_none=True)
                 nonfinite_run += 1
@@ -296,6 +304,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
+            metrics_acc = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
             metrics_acc["lr"] = self.lr_scheduler.get_last_lr()[0]
             if grad_norm is not None:
                 metrics_acc["grad_norm"] = float(grad_norm)
@@ -313,6 +322,17 @@ class Trainer:
             acc.end_training()
         self.gen.denoiser.eval()
         return TrainResult(global_step=self.global_step, output_dir=self.output_dir, metrics=last)
+
+
+def _shape_mismatch(name: str, saved: tuple, current: tuple) -> str:
+    """Why a checkpoint tensor does not fit, in the config's terms when it is a LoRA factor (A is rank × in,
+    B is out × rank)."""
+    where = {"lora_A": 0, "lora_B": 1}
+    for key, axis in where.items():
+        if key in name and len(saved) == len(current) == 2 and saved[1 - axis] == current[1 - axis]:
+            return (f"LoRA rank {saved[axis]} in the checkpoint but {current[axis]} in this run ({name}); set "
+                    f"model.lora_rank: {saved[axis]} to resume, or use a new output_dir")
+    return f"{name} has shape {saved} in the checkpoint but {current} in this model"
 
 
 def _default_collate(rows: list) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def synthesize(generator: Sampler, reward: RewardSpec, prompts: Sequence[str], k
                seed: int = 0, batch_size: int = 64, progress: bool = True, out: str | Path | None = None,
                noise_seeds: Sequence[int] | None = None) -> list[PreferencePair] | list[RankedList]:
     """Sample ``k`` images per prompt, score them with ``reward`` (or a list of (reward, weight) pairs: weighted
-    mean of per-reward z-scores), and return pairs or ranked lists whose images are tensors [3, H, W].
+    mean of per-reward z-scores; a reward offering ``ensemble_members()`` — a weighted list loaded as one
+    reward — is combined the same way), and return pairs or ranked lists whose images are tensors [3, H, W].
 
     ``mode="pairs"`` keeps per prompt the best vs the worst sample (``pair_strategy="best_worst"``) or every pair
     (``"all"``) whose score gap exceeds ``min_margin``; equal scores never make a pair. ``mode="ranked"`` keeps
@@ -62,6 +63,8 @@ def synthesize(generator: Sampler, reward: RewardSpec, prompts: Sequence[str], k
                              f"(need {len(prompts) * k}, one per image)")
         if len(set(noise_seeds)) != len(noise_seeds):
             raise ValueError("noise_seeds: repeated seeds would draw identical images")
+    if callable(getattr(reward, "ensemble_members", None)):  # a weighted reward list: ensemble its members
+        reward = list(reward.ensemble_members())
     terms = _reward_terms(reward)
     images, raw = _sample_and_score(generator, [t[0] for t in terms], prompts, k, steps, guidance, seed,
                                     batch_size, progress, noise_seeds)
