@@ -20,10 +20,14 @@ class MediaError(ValueError):
     """Input that is not media of the expected kind."""
 
 
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL -> uint8 [3, H, W] (RGB)."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL -> float [3, H, W] in [0, 1] (RGB)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return pil_to_uint8(img).float().div_(255.0)
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
@@ -61,12 +65,16 @@ def load_image(path: str | Path) -> Image.Image:
     return decode_image_bytes(path.read_bytes())
 
 
-def as_image_batch(media: Any, *, reward_name: str = "reward") -> torch.Tensor | list[torch.Tensor]:
+def as_image_batch(media: Any, *, reward_name: str = "reward", keep_uint8: bool = False
+                   ) -> torch.Tensor | list[torch.Tensor]:
     """Normalise reward/eval input to float images in [0, 1].
 
     Accepts a tensor [B, 3, H, W] (float in [0, 1] or uint8), one tensor [3, H, W], or a sequence of PIL
     images, paths or [3, H, W] tensors. Returns a stacked tensor when all sizes agree, else a list.
     Non-image input (audio waveforms, videos) raises a ``MediaError`` naming the reward.
+
+    ``keep_uint8``: 8-bit input (PIL images, files, uint8 tensors) stays uint8, for callers that convert on
+    their device — a quarter of the bytes through the host→device copy, and no float conversion on the host.
     """
     if isinstance(media, torch.Tensor):
         x = media
@@ -75,7 +83,7 @@ def as_image_batch(media: Any, *, reward_name: str = "reward") -> torch.Tensor |
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise MediaError(f"{reward_name} scores images [B, 3, H, W]; got a tensor of shape {tuple(media.shape)}"
                              " (video, audio or 3D input needs a reward for that modality)")
-        if x.dtype == torch.uint8:
+        if x.dtype == torch.uint8 and not keep_uint8:
             x = x.float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -86,12 +94,11 @@ def as_image_batch(media: Any, *, reward_name: str = "reward") -> torch.Tensor |
         raise MediaError(f"{reward_name}: cannot read images from {type(media).__name__}")
     items = []
     for i, m in enumerate(media):
-        if isinstance(m, Image.Image):
-            items.append(pil_to_tensor(m))
-        elif isinstance(m, (str, Path)):
-            items.append(pil_to_tensor(load_image(m)))
+        if isinstance(m, (Image.Image, str, Path)):
+            img = m if isinstance(m, Image.Image) else load_image(m)
+            items.append(pil_to_uint8(img) if keep_uint8 else pil_to_tensor(img))
         elif isinstance(m, torch.Tensor) and m.dim() == 3 and m.shape[0] in (1, 3):
-            items.append(m.float() / 255.0 if m.dtype == torch.uint8 else m)
+            items.append(m.float() / 255.0 if m.dtype == torch.uint8 and not keep_uint8 else m)
         else:
             raise MediaError(f"{reward_name}: item {i} is not an image ({type(m).__name__}"
                              f"{'' if not isinstance(m, torch.Tensor) else ' of shape ' + str(tuple(m.shape))})")

@@ -65,7 +65,10 @@ class ClipFamilyReward(RewardModel):
             self.no_grad_reason = "preprocess='exact' goes through 8-bit PIL images; use preprocess='fast'"
 
     def _prepare(self, media: Any) -> Any:
-        batch = super()._prepare(media)
+        from diffalign.media import as_image_batch
+
+        # 8-bit input stays 8-bit until it is on the tower's device (``_images_to_device``)
+        batch = as_image_batch(media, reward_name=self.name, keep_uint8=True)
         if isinstance(batch, list):  # mixed sizes: keep per-image tensors, give grey ones 3 channels
             return [t.expand(3, -1, -1) if t.shape[0] == 1 else t for t in batch]
         return batch
@@ -79,10 +82,15 @@ class ClipFamilyReward(RewardModel):
         return cos
 
     def _images_to_device(self, images):
+        """Float [0, 1] images on the tower's device; uint8 ones are copied as bytes and converted there."""
         dev = self.tower.device
-        if isinstance(images, torch.Tensor):
-            return images.to(dev, torch.float32)
-        return [t.to(dev, torch.float32) for t in images]
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.uint8:
+                return t.to(dev).float().div_(255.0)
+            return t.to(dev, torch.float32)
+
+        return one(images) if isinstance(images, torch.Tensor) else [one(t) for t in images]
 
     def _score(self, batch: Any, prompts: list[str] | None, **cond: Any) -> RewardOutput:
         if prompts is None and self.needs_prompts:

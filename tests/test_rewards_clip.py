@@ -485,7 +485,7 @@ def test_pickscore_exact_equals_transformers_pil_processor(clip_folder):
     prompts = (PROMPTS * 2)[:len(imgs)]
     proc = CLIPImageProcessorPil.from_pretrained(clip_folder)
     ref_pix = torch.stack([proc(images=[im], return_tensors="pt")["pixel_values"][0] for im in imgs])
-    batch = exact._prepare(imgs)
+    batch = exact._images_to_device(exact._prepare(imgs))  # PIL -> 8-bit -> float on the device
     assert float((exact._pixels(batch) - ref_pix).abs().max()) < 1e-6
     assert float((fast._pixels(batch) - ref_pix).abs().max()) > 1e-3  # the fast path is not the same pixels
 
@@ -518,7 +518,7 @@ def test_aesthetic_exact_equals_openai_clip_transform(folder, request):
     imgs = _odd_images(1) + [Image.fromarray(np.random.default_rng(2).integers(0, 256, (333, 201, 3),
                                                                                dtype=np.uint8))]
     pix = torch.stack([_openai_clip_transform(size)(im) for im in imgs])
-    assert float((r._pixels(r._prepare(imgs)) - pix).abs().max()) < 1e-6
+    assert float((r._pixels(r._images_to_device(r._prepare(imgs))) - pix).abs().max()) < 1e-6
     model = CLIPModel.from_pretrained(clip).eval()
     with torch.no_grad():
         e = F.normalize(model.visual_projection(model.vision_model(pixel_values=pix).pooler_output), dim=-1)
