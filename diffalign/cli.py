@@ -23,11 +23,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+ATTENTION_HELP = ("auto (default): attention through diffalign's dispatcher (measured kernel choice on CUDA, fused "
+                  "QKV); off: diffusers' own processors; or a backend to force (sdpa, cudnn, flash, efficient, "
+                  "xformers, flash_attn, flash_attn_3, math)")
+
+
 def _sample(args: argparse.Namespace) -> int:
     from diffalign.sampling import sample_to_folder
 
     out = sample_to_folder(args.model, args.prompts, args.out, lora=args.lora, num_per_prompt=args.num,
-                           steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device)
+                           steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
+                           attention=args.attention)
     print(f"wrote samples to {out}")
     return 0
 
@@ -62,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_eval(base=args.model, lora=args.lora, reward=_user_reward(args), checkpoint=args.checkpoint,
              prompts=args.prompts, seeds=args.seeds, steps=args.steps, guidance=args.guidance, out=args.out,
-             device=args.device)
+             device=args.device, attention=args.attention)
     return 0
 
 
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     s.set_defaults(func=_sample)
 
     r = sub.add_parser("score", help="score media files with a reward model")
@@ -152,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=3.0)
     e.add_argument("--out", type=Path, default=Path("runs/eval"))
     e.add_argument("--device", default="cpu")
+    e.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("arena", help="launch the Gradio arena (side-by-side votes, leaderboard) [app extra]")

@@ -32,14 +32,17 @@ def read_prompts(spec: str | Path) -> list[str]:
 
 def sample_to_folder(model: str | Path, prompts: str | Sequence[str], out: str | Path, *, lora: str | Path | None = None,
                      num_per_prompt: int = 4, steps: int = 20, guidance: float = 3.0, seed: int = 0,
-                     device: str = "cpu") -> Path:
-    """Write ``{prompt_index:03d}_{seed}.png`` per sample plus ``prompts.txt`` (line i = prompt of index i)."""
+                     device: str = "cpu", attention: str = "auto") -> Path:
+    """Write ``{prompt_index:03d}_{seed}.png`` per sample plus ``prompts.txt`` (line i = prompt of index i).
+    ``attention``: auto | off | a backend name (``diffalign.attention.option``)."""
+    from diffalign.attention import apply_attention
     from diffalign.eval import sample_grid, seeded_noise
     from diffalign.generators.registry import load_generator
     from diffalign.media import tensor_to_pil
 
     prompt_list = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     gen = load_generator(model, lora=lora, device=device)
+    apply_attention(gen, attention, "--attention")
     seeds = list(range(seed, seed + num_per_prompt))
     images = sample_grid(gen, prompt_list, seeded_noise(gen, seeds).to(device), steps, guidance)
     out = Path(out)

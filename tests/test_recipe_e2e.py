@@ -44,6 +44,11 @@ def test_train_command_runs_every_stage(toy16, tmp_path, capsys):
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_train_steps"] == 3
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # attention through the dispatcher by default, and the run says which kernel served each kind of call
+    attention = json.loads((out / "attention.json").read_text())
+    assert attention["option"] == "auto" and attention["routed"] > 0 and attention["kernels"]
+    assert all(k["backend"] and k["call"] and k["shape"] for k in attention["kernels"])
+    assert "attention: auto:" in printed
 
     # a rerun with more steps reuses the pairs and resumes from the latest checkpoint
     assert main(["train", str(recipe), "--set", "train.max_train_steps=4",

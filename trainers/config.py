@@ -24,6 +24,14 @@ class ModelConfig:
     #: module names to adapt; empty = the family default (attention projections)
     lora_targets: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
+    #: auto = every attention module through diffalign.attention (measured kernel choice on CUDA, fused QKV where
+    #: no LoRA wraps the projections); off = diffusers' own processors; or a backend name to force (sdpa, cudnn, …)
+    attention: str = "auto"
+
+    def __post_init__(self):
+        from diffalign.attention import check_attention_option
+
+        check_attention_option(self.attention, "model.attention")
 
 
 @dataclass

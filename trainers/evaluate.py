@@ -92,12 +92,16 @@ def _member_reports(reward, split: str, prompts: Sequence[str], base_img: torch.
 
 
 def run_eval(base: str, lora: str | Path | None, reward: str | list, checkpoint: str | Path | None, prompts: str,
-             seeds: int, steps: int, guidance: float, out: str | Path, device: str = "cpu") -> list[EvalReport]:
+             seeds: int, steps: int, guidance: float, out: str | Path, device: str = "cpu",
+             attention: str = "auto") -> list[EvalReport]:
     """``diffalign eval``: a LoRA against its base (or a model against itself when no LoRA is given). ``reward``:
     a name, ``module:Class`` or a weighted list (each member is also reported on its own)."""
     from diffalign.generators.registry import load_generator
 
+    from diffalign.attention import apply_attention
+
     gen = load_generator(base, lora=lora, device=device)
+    apply_attention(gen, attention, "--attention")  # the base is the same network with adapters off: routed too
     cfg = EvalConfig(prompts=prompts, seeds=seeds, steps=steps, guidance=guidance, reward=reward,
                      reward_checkpoint=None if checkpoint is None else str(checkpoint))
     return evaluate_generator(gen, cfg, Path(out))

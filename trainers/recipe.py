@@ -78,6 +78,7 @@ def prepare_data(recipe: Recipe, gen: Generator, out_dir: Path):
 def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     from accelerate.utils import set_seed
 
+    from diffalign.attention.option import apply_attention, summary_line, write_attention_log
     from diffalign.generators.lora import add_lora, save_lora
     from diffalign.generators.registry import load_generator
     from trainers.evaluate import evaluate_generator
@@ -107,11 +108,15 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         print(f"LoRA rank {recipe.model.lora_rank}: {n:,} trainable parameters")
     if recipe.model.gradient_checkpointing:
         gen.denoiser.enable_gradient_checkpointing()
+    attention = apply_attention(gen, recipe.model.attention, "model.attention")  # after LoRA: adapters stay in
     t1 = time.time()
     trainer = Trainer(gen, objective, dataset, recipe.train, out, seed=recipe.seed, full_finetune=full,
                       run_config=to_dict(recipe), collate=getattr(objective, "collate", None))
     result = trainer.train()
     timings["train_s"] = time.time() - t1
+    if trainer.accelerator.is_main_process:
+        write_attention_log(out, attention, recipe.model.attention)
+        print(summary_line(attention, recipe.model.attention))
     summary: dict = {"global_step": result.global_step, "final_metrics": result.metrics}
     if trainer.accelerator.is_main_process:
         if full:
@@ -122,6 +127,8 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         if recipe.eval is not None:
             t2 = time.time()
             base = load_generator(recipe.model.path, device=str(gen.device)) if full else None
+            if base is not None:
+                apply_attention(base, recipe.model.attention, "model.attention")
             view = getattr(objective, "eval_view", None)  # inference-time methods (Self-NPO) sample through guidance
             reports = evaluate_generator(view(gen, base) if view else gen, recipe.eval, out, base=base)
             timings["eval_s"] = time.time() - t2

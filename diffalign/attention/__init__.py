@@ -17,11 +17,15 @@ from .dispatch import (
     list_backends,
 )
 from .install import InstallReport, install, installed, uninstall
+from .option import apply_attention, attention_choices, check_attention_option
 
 __all__ = [
     "ENV_VAR",
     "AttentionBackendError",
     "InstallReport",
+    "apply_attention",
+    "attention_choices",
+    "check_attention_option",
     "attention",
     "attention_backend",
     "clear_cache",
