@@ -90,6 +90,10 @@ def sections(out: Path, dry: bool) -> list[Section]:
     s.append(Section("Attention kernels per shape", _python(str(bench / "attention.py"), *kernels, "--out",
                                                             str(out / "attention.md")), 150,
                      _render_markdown("attention.md")))
+    s.append(Section("Profiles: where the gaps come from",
+                     _python(str(bench / "gpu_profile.py"), "--out", str(out / "profile.md"),
+                             *(["--dry", "--parts", "unet,dpo"] if dry else [])), 120,
+                     _render_markdown("profile.md")))
     return s
 
 

@@ -124,3 +124,10 @@ def test_cuda_default_choice_is_measured_and_matches_sdpa(monkeypatch, grad):
     assert float((out.detach().float() - ref).norm() / ref.norm()) < 2e-2
     assert decisions()[-1]["how"] == "measured"
     clear_cache()
+
+
+def test_default_keeps_the_call_unless_another_kernel_is_clearly_faster(tuned):
+    nearly = _Fake("nearly_as_fast", delay=0.0199)  # < 3% faster than the 20 ms default: noise, not a win
+    _install(tuned, nearly)
+    attention(*_qkv())
+    assert decisions()[0]["backend"] == "sdpa"
