@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apps.agreement import agreement_report
-from apps.auth import RateLimiter
+from apps.auth import RateLimiter, SessionKeys
 from apps.contenders import ContenderConfig, build_contenders
 from apps.flagging import FlaggingConfig, flag_suspicious
 from apps.serve import Identity, LimitsConfig, ServerConfig, import_gradio, launch
@@ -199,6 +199,7 @@ class Annotation:
             import_items(self.store, cfg)
         self._rng = random.Random()
         self.limiter = RateLimiter(cfg.limits.battles_per_minute, 60.0)
+        self._votes_per_address = cfg.limits.per_address(cfg.server.open_mode)[0]
 
     def next_task(self, judge: str, session_hash: str | None) -> Battle | None:
         """The open task of this session (so a reload resumes it), else a new assignment; None when all done."""
@@ -240,7 +241,8 @@ class Annotation:
         latency = (time.time() - battle.issued_at) * 1000.0
         return self.store.record_vote(battle.battle_id, judge, primary, vote_id=vote_id, session_hash=session_hash,
                                       ip=ip, answers=stored, latency_ms=latency, ui_version=UI_VERSION,
-                                      rate_limit=(self.cfg.limits.votes_per_minute, 60.0))
+                                      rate_limit=(self.cfg.limits.votes_per_minute, 60.0),
+                                      ip_rate_limit=_per_minute(self._votes_per_address))
 
     def progress_text(self, judge: str) -> str:
         p = self.store.progress(judge, self.cfg.annotators_per_item)
@@ -251,9 +253,10 @@ class Annotation:
         """Admin upload of one pair: both files checked by content before anything is stored."""
         if not prompt or not prompt.strip():
             raise UploadRejected("the pair needs a prompt")
-        max_bytes = int(self.cfg.limits.max_upload_mb * 2**20)
-        a = read_upload(path_a, allowed=(self.cfg.modality,), max_bytes=max_bytes, what="upload A")
-        b = read_upload(path_b, allowed=(self.cfg.modality,), max_bytes=max_bytes, what="upload B")
+        limits = dict(allowed=(self.cfg.modality,), max_bytes=int(self.cfg.limits.max_upload_mb * 2**20),
+                      max_pixels=int(self.cfg.limits.max_upload_megapixels * 1e6))
+        a = read_upload(path_a, what="upload A", **limits)
+        b = read_upload(path_b, what="upload B", **limits)
         gold_answer = _gold_answer(gold or None, "gold")
         sha_a = self.store.put_media(a.data, a.ext, a.kind)
         sha_b = self.store.put_media(b.data, b.ext, b.kind)
@@ -277,12 +280,19 @@ class Annotation:
                  None if r["fleiss"] is None else round(r["fleiss"], 3)] for r in rows]
 
 
+def _per_minute(limit: int | None) -> tuple[int, float] | None:
+    return (limit, 60.0) if limit else None
+
+
 # --- Gradio ---------------------------------------------------------------------------------------------------------
 def build_annotate_ui(app: Annotation):
     gr = import_gradio()
-    from apps.arena import _media_component
+    from apps.arena import _media_component, page_js
+    from apps.display import DisplayMedia
 
-    ident = Identity(app.cfg.server)
+    display = DisplayMedia(app.store)  # small images enlarged (nearest-neighbour) for the page; originals kept
+
+    ident = Identity(app.cfg.server, SessionKeys.beside(app.store.path))
     crits = app.cfg.criteria
 
     def task(request: gr.Request):
@@ -294,8 +304,8 @@ def build_annotate_ui(app: Annotation):
         resets = [gr.update(value=None) for _ in crits] + [gr.update(value=False)]
         if b is None:
             return [app.progress_text(judge), "### All done — thank you!", None, None, ""] + resets
-        left = str(app.store.media_path(b.left[1]))
-        right = str(app.store.media_path(b.right[1]))
+        left = display.path(b.left[1])
+        right = display.path(b.right[1])
         return [app.progress_text(judge), f"### Prompt: {html.escape(b.prompt)}", left, right, b.battle_id] + resets
 
     def submit(battle_id: str, answers: dict, both_bad: bool, vote_id: str, request: gr.Request) -> dict:
@@ -342,7 +352,7 @@ def build_annotate_ui(app: Annotation):
             both_bad = gr.Checkbox(label="both are bad", value=False)
             with gr.Row():
                 send = gr.Button("Submit and next", variant="primary")
-                reload_btn = gr.Button("🔄 Reload task")
+                reload_btn = gr.Button("Reload task")
         with gr.Tab("Statistics"):
             agree = gr.Dataframe(headers=["criterion", "items", "annotators", "Cohen κ (mean)", "Fleiss κ"],
                                  interactive=False, label="agreement")
@@ -364,6 +374,7 @@ def build_annotate_ui(app: Annotation):
                 flag_btn.click(do_flag, None, flag_out, api_name="flag")
 
         outs = [progress, prompt_md, left, right, task_box] + radios + [both_bad]
+        demo.load(None, None, None, js=page_js({}), api_visibility="private")  # the media style sheet
         demo.load(task, None, outs, api_visibility="private")
 
         def ui_submit(data: dict, request: gr.Request):
@@ -387,7 +398,8 @@ def load_annotate_config(config_path, overrides: Sequence[str] = ()) -> Annotate
 def serve(cfg: AnnotateConfig, *, block: bool = True, port: int | None = None):
     app = Annotation(cfg)
     demo = build_annotate_ui(app)
-    launch(demo, cfg.server, allowed_paths=[app.store.media_dir], block=block, port=port)
+    launch(demo, cfg.server, keys=SessionKeys.beside(app.store.path), limits=cfg.limits,
+           uploads=bool(cfg.server.admins), allowed_paths=[app.store.media_dir], block=block, port=port)
     return demo, app
 
 

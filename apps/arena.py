@@ -9,7 +9,10 @@ lean JSON API on the same server (``apps.rest``: ``POST /api/v1/battle``, ``POST
 Gradio's queue but calls the same ``Arena`` methods, so the same checks apply.
 """
 
+import csv
 import html
+import io
+import logging
 import random
 import threading
 import time
@@ -17,15 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from apps.auth import RateLimiter
+from apps.auth import RateLimiter, SessionKeys
+from apps.battle_pool import BattlePool, ContenderFailed, Prepared, prepare
 from apps.contenders import Contender, ContenderConfig, build_contenders, shared_prompts
+from apps.display import MEDIA_CSS, MIN_DISPLAY_PX, DisplayMedia
 from apps.flagging import FlaggingConfig
-from apps.ratings import leaderboard, win_rate_matrix
+from apps.ratings import leaderboard, pair_table, win_rate_matrix
 from apps.serve import Identity, LimitsConfig, ServerConfig, import_gradio, launch
 from apps.store import SIDES, Battle, RateLimited, VoteRejected, VoteStore
 
-UI_VERSION = "arena-1"
-SIDE_LABELS = {"left": "👈  A is better", "right": "👉  B is better", "tie": "🤝  Tie", "bothbad": "👎  Both are bad"}
+log = logging.getLogger(__name__)
+
+UI_VERSION = "arena-2"
+#: plain words: emoji render as empty boxes where no emoji font is installed
+SIDE_LABELS = {"left": "A is better", "right": "B is better", "tie": "Tie", "bothbad": "Both are bad"}
+#: keyboard shortcuts (any one of the keys) per choice, and for a new round
+SIDE_KEYS = {"left": ("a", "1", "ArrowLeft"), "right": ("b", "2", "ArrowRight"), "tie": ("t", "3"),
+             "bothbad": ("x", "4")}
+NEW_ROUND_KEYS = ("n",)
 
 
 @dataclass
@@ -36,6 +48,9 @@ class LeaderboardConfig:
     l2: float = 0.1
     #: models with fewer rated battles are listed as "preliminary"
     min_battles: int = 20
+    #: below this many votes a model's (or a pair's) interval is shown as "not enough votes": a bootstrap over a
+    #: handful of identical outcomes gives a zero-width interval that would read as certainty
+    min_votes_for_ci: int = 5
     exclude_flagged: bool = True
 
     def __post_init__(self) -> None:
@@ -43,6 +58,20 @@ class LeaderboardConfig:
             raise ValueError(f"leaderboard.bootstrap_rounds must be ≥ 1, got {self.bootstrap_rounds}")
         if self.l2 < 0:
             raise ValueError(f"leaderboard.l2 must be ≥ 0, got {self.l2}")
+        if self.min_votes_for_ci < 1:
+            raise ValueError(f"leaderboard.min_votes_for_ci must be ≥ 1, got {self.min_votes_for_ci}")
+
+
+@dataclass
+class PoolConfig:
+    """Battles prepared ahead of time per contender pair (``apps.battle_pool``)."""
+
+    enabled: bool = True
+    per_pair: int = 4
+
+    def __post_init__(self) -> None:
+        if self.per_pair < 1:
+            raise ValueError(f"pool.per_pair must be ≥ 1, got {self.per_pair}")
 
 
 @dataclass
@@ -59,6 +88,9 @@ class ArenaConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
     flagging: FlaggingConfig = field(default_factory=FlaggingConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    #: images smaller than this are enlarged (nearest-neighbour) for display; the store keeps the original
+    min_display_px: int = MIN_DISPLAY_PX
     busy_timeout_s: float = 30.0
     synchronous: str = "NORMAL"
     seed: int | None = None
@@ -89,25 +121,69 @@ class Arena:
         self._rng = random.Random(cfg.seed)
         self._rng_lock = threading.Lock()
         self.battle_limiter = RateLimiter(cfg.limits.battles_per_minute, 60.0)
+        self.votes_per_address, battles_per_address = cfg.limits.per_address(cfg.server.open_mode)
+        self.address_limiter = RateLimiter(battles_per_address, 60.0) if battles_per_address else None
         self._board_cache: tuple[int, Any] | None = None
         self._board_lock = threading.Lock()
+        self.display = DisplayMedia(self.store, cfg.min_display_px)
+        #: contenders taken out of the rotation after failing to sample: name -> error
+        self.retired: dict[str, str] = {}
+        self.pool = BattlePool(self.contenders, self.pairs, self.prompts, self.store, per_pair=cfg.pool.per_pair,
+                               seed=cfg.seed, on_retire=self._on_retire) if cfg.pool.enabled else None
+
+    def _on_retire(self, name: str, error: BaseException) -> None:
+        with self._rng_lock:
+            self.retired.setdefault(name, f"{type(error).__name__}: {error}")
+            self.pairs = [p for p in self.pairs if name not in p]
+
+    def retire(self, name: str, error: BaseException) -> None:
+        """Take a contender out of the rotation (its stored votes and battles stay as they are)."""
+        if self.pool is not None:
+            self.pool.retire(name, error)  # logs, then calls _on_retire
+        elif name not in self.retired:
+            log.error("arena: contender %r failed to sample and is out of the rotation (%s: %s)", name,
+                      type(error).__name__, error)
+            self._on_retire(name, error)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
 
     # --- battles and votes ------------------------------------------------------------------------------------------
-    def new_battle(self, judge: str, session_hash: str | None) -> Battle:
-        """Draw a uniformly random pair of contenders and a prompt both can answer; random sides (uniform pairs keep
-        the Bradley–Terry fit unbiased)."""
+    def new_battle(self, judge: str, session_hash: str | None, ip: str | None = None) -> Battle:
+        """A battle prepared by the pool (a uniformly random pair among those ready, a prompt both can answer;
+        uniform pairs keep the Bradley–Terry fit unbiased), sides drawn here at random; sampled on this thread only
+        when nothing is prepared yet. Rate-limited per judge and per client address."""
+        if self.address_limiter is not None and ip and not self.address_limiter.allow(ip):
+            raise RateLimited(f"too many new rounds from your address: at most {self.address_limiter.limit} per "
+                              "minute")
         if not self.battle_limiter.allow(judge):
             raise RateLimited(f"too many new rounds: at most {self.cfg.limits.battles_per_minute} per minute")
+        ready = None
+        if self.pool is not None:
+            self.pool.start()
+            ready = self.pool.take()
+        if ready is None:  # cold start (or no pool): sample on this thread
+            ready = self._prepare_now()
         with self._rng_lock:
-            a, b = self._rng.choice(self.pairs)
-            prompt = self._rng.choice(shared_prompts(self.contenders[a], self.contenders[b], self.prompts))
             left_is_a = self._rng.random() < 0.5
-            seed_a, seed_b = self._rng.randrange(2**31), self._rng.randrange(2**31)
-        media_a, params_a = self.contenders[a].produce(prompt, random.Random(seed_a), self.store)
-        media_b, params_b = self.contenders[b].produce(prompt, random.Random(seed_b), self.store)
-        return self.store.issue_battle(prompt=prompt, model_a=a, model_b=b, media_a=media_a, media_b=media_b,
-                                       left_is_a=left_is_a, issued_to=judge, session_hash=session_hash,
-                                       params={"a": params_a, "b": params_b})
+        return self.store.issue_battle(prompt=ready.prompt, model_a=ready.model_a, model_b=ready.model_b,
+                                       media_a=ready.media_a, media_b=ready.media_b, left_is_a=left_is_a,
+                                       issued_to=judge, session_hash=session_hash, params=ready.params)
+
+    def _prepare_now(self) -> Prepared:
+        """One battle sampled here and now; a contender that fails is retired and another pair is tried."""
+        while True:
+            with self._rng_lock:
+                if not self.pairs:
+                    raise VoteRejected("no contenders are available right now (they failed to sample: "
+                                       + "; ".join(f"{n}: {e}" for n, e in sorted(self.retired.items())) + ")")
+                pair = self._rng.choice(self.pairs)
+                rng = random.Random(self._rng.randrange(2**63))
+            try:
+                return prepare(self.contenders, pair, self.prompts, self.store, rng)
+            except ContenderFailed as exc:
+                self.retire(exc.name, exc.error)
 
     def vote(self, battle_id: str, judge: str, side: str, *, session_hash: str | None, ip: str | None = None,
              vote_id: str | None = None) -> dict:
@@ -118,14 +194,16 @@ class Arena:
         latency = None if battle is None else (time.time() - battle.issued_at) * 1000.0
         vote = self.store.record_vote(str(battle_id or ""), judge, side, vote_id=vote_id or None,
                                       session_hash=session_hash, ip=ip, latency_ms=latency, ui_version=UI_VERSION,
-                                      rate_limit=(self.cfg.limits.votes_per_minute, 60.0))
+                                      rate_limit=(self.cfg.limits.votes_per_minute, 60.0),
+                                      ip_rate_limit=(self.votes_per_address, 60.0) if self.votes_per_address else None)
         battle = battle if battle is not None and battle.battle_id == vote.battle_id else \
             self.store.battle(vote.battle_id)
         return {"vote_id": vote.vote_id, "battle_id": battle.battle_id, "side": vote.side, "winner": vote.winner,
                 "left_model": battle.left[0], "right_model": battle.right[0], "replayed": vote.replayed}
 
     def media_path(self, sha: str) -> str:
-        return str(self.store.media_path(sha))
+        """The file the browser shows for a stored medium (small images enlarged, never blurred)."""
+        return self.display.path(sha)
 
     # --- leaderboard ------------------------------------------------------------------------------------------------
     def board(self) -> dict:
@@ -144,16 +222,48 @@ class Arena:
         return result
 
     def board_table(self) -> list[list]:
+        """Leaderboard rows; an interval from fewer than ``min_votes_for_ci`` votes (or of zero width) is shown as
+        "not enough votes" rather than as false certainty."""
+        lb = self.cfg.leaderboard
         out = []
         for r in self.board()["rows"]:
-            prelim = " (preliminary)" if r.battles < self.cfg.leaderboard.min_battles else ""
-            out.append([r.rank, r.model + prelim, round(r.rating, 1), f"+{r.upper - r.rating:.1f} / "
-                        f"-{r.rating - r.lower:.1f}", round(r.elo, 1), r.battles,
+            prelim = " (preliminary)" if r.battles < lb.min_battles else ""
+            if r.battles < lb.min_votes_for_ci or r.upper - r.lower <= 1e-9:
+                ci = NOT_ENOUGH
+            else:
+                ci = f"+{r.upper - r.rating:.1f} / -{r.rating - r.lower:.1f}"
+            out.append([r.rank, r.model + prelim, round(r.rating, 1), ci, round(r.elo, 1), r.battles,
                         round(r.wins / r.battles, 3) if r.battles else None])
         return out
 
+    def pair_rows(self) -> list[list]:
+        """Votes per contender pair: A's score rate (ties ½) with its 95% interval, or "not enough votes"."""
+        lb = self.cfg.leaderboard
+        battles = self.store.rated_battles(exclude_flagged=lb.exclude_flagged)
+        out = []
+        for r in pair_table(battles):
+            ci = NOT_ENOUGH if r.votes < lb.min_votes_for_ci else f"[{r.lower:.2f}, {r.upper:.2f}]"
+            out.append([r.model_a, r.model_b, r.votes, r.wins_a, r.wins_b, r.ties, round(r.score_a, 3), ci])
+        return out
 
+    def board_csv(self) -> str:
+        """The leaderboard as CSV text (numbers unrounded; an empty interval where there are not enough votes)."""
+        lb = self.cfg.leaderboard
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["rank", "model", "rating", "ci_lower", "ci_upper", "online_elo", "votes", "score_rate",
+                    "preliminary", "not_enough_votes"])
+        for r in self.board()["rows"]:
+            few = r.battles < lb.min_votes_for_ci or r.upper - r.lower <= 1e-9
+            w.writerow([r.rank, r.model, f"{r.rating:.3f}", "" if few else f"{r.lower:.3f}",
+                        "" if few else f"{r.upper:.3f}", f"{r.elo:.3f}", r.battles,
+                        f"{r.wins / r.battles:.4f}" if r.battles else "", int(r.battles < lb.min_battles), int(few)])
+        return buf.getvalue()
+
+
+NOT_ENOUGH = "not enough votes"
 TABLE_HEADERS = ["rank", "model", "rating (BT)", "95% CI", "online Elo", "votes", "score rate"]
+PAIR_HEADERS = ["model A", "model B", "votes", "A wins", "B wins", "ties", "A score rate", "95% CI"]
 
 
 def heatmap_html(board: dict) -> str:
@@ -181,25 +291,83 @@ def heatmap_html(board: dict) -> str:
 
 
 # --- Gradio ---------------------------------------------------------------------------------------------------------
+#: every media panel gets this class (``MEDIA_CSS`` sizes it and keeps small images sharp)
+MEDIA_CLASS = "diffalign-media"
+#: component height in pixels: room for a 256-pixel-or-larger image plus the label
+MEDIA_HEIGHT = 400
+
+
 def _media_component(gr, kind: str, label: str):
+    """The panel for one side: images at a readable size (the server enlarges small ones with nearest-neighbour,
+    the page draws them pixelated), video and audio with players, 3D in Gradio's viewer."""
+    common = dict(label=label, interactive=False, elem_classes=[MEDIA_CLASS])
     if kind == "image":
-        return gr.Image(label=label, type="filepath", format="png", interactive=False, height=384)
+        return gr.Image(type="filepath", format="png", height=MEDIA_HEIGHT, **common)
     if kind == "video":
-        return gr.Video(label=label, interactive=False, autoplay=False, loop=True)
+        return gr.Video(autoplay=False, loop=True, height=MEDIA_HEIGHT, **common)
     if kind == "audio":
-        return gr.Audio(label=label, type="filepath", interactive=False)
-    return gr.Model3D(label=label, interactive=False)
+        return gr.Audio(type="filepath", **common)
+    return gr.Model3D(height=MEDIA_HEIGHT, **common)
+
+
+def page_js(shortcuts: dict[str, Sequence[str]]) -> str:
+    """Browser code run once on page load: adds ``MEDIA_CSS`` to the page and a keydown listener that clicks the
+    button with the element id mapped to the pressed key (ignored while typing in a field, with a modifier held,
+    or when the button is disabled or on a hidden tab). Passed as an event's ``js``, so no server file is needed."""
+    import json
+
+    keymap = {k: elem_id for elem_id, keys in shortcuts.items() for k in keys}
+    return ("() => {"
+            f"const css = {json.dumps(MEDIA_CSS)}; const keys = {json.dumps(keymap)};"
+            "if (!document.getElementById('diffalign-style')) {"
+            "  const st = document.createElement('style'); st.id = 'diffalign-style'; st.textContent = css;"
+            "  document.head.appendChild(st); }"
+            "if (window.__diffalignKeys) return; window.__diffalignKeys = true;"
+            "document.addEventListener('keydown', (e) => {"
+            "  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;"
+            "  const t = e.target; const tag = t && t.tagName;"
+            "  if (tag === 'INPUT' || tag === 'TEXTAREA' || tag === 'SELECT' || (t && t.isContentEditable)) return;"
+            "  const id = keys[e.key.length === 1 ? e.key.toLowerCase() : e.key]; if (!id) return;"
+            "  const el = document.getElementById(id); if (!el) return;"
+            "  const btn = el.tagName === 'BUTTON' ? el : el.querySelector('button');"
+            "  if (!btn || btn.disabled || btn.offsetParent === null) return;"
+            "  e.preventDefault(); btn.click(); });"
+            "}")
+
+
+def _key_help() -> str:
+    names = {"ArrowLeft": "←", "ArrowRight": "→"}
+    parts = [f"{SIDE_LABELS[s]}: " + " / ".join(names.get(k, k.upper()) for k in SIDE_KEYS[s]) for s in SIDES]
+    return "Keys: " + " · ".join(parts) + " · New round: " + " / ".join(k.upper() for k in NEW_ROUND_KEYS)
+
+
+def _csv_file(text: str, prefix: str) -> str:
+    """Write ``text`` to a new file in the temp dir (Gradio serves files from there) and return its path."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".csv")
+    with open(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return path
+
+
+def export_dir(arena: Arena) -> Path:
+    """Where the admin view writes training-data exports (served to admins, so it is an allowed path)."""
+    return arena.store.path.parent / "exports"
 
 
 def build_arena_ui(arena: Arena):
-    """Gradio Blocks: Arena tab (battle + votes + reveal), Leaderboard tab, and an Admin tab for flagging."""
+    """Gradio Blocks: Arena tab (battle + votes + reveal), Leaderboard tab, and an Admin tab for flagging and
+    exporting. Each event has its own queue concurrency: votes and battles are short and may run many at once,
+    the leaderboard's bootstrap is CPU-bound (two at a time), admin work runs alone."""
     gr = import_gradio()
-    ident = Identity(arena.cfg.server)
+    ident = Identity(arena.cfg.server, SessionKeys.beside(arena.store.path))
+    n_fast = arena.cfg.server.concurrency
 
     def issue(request: gr.Request):
         try:
-            judge, session, _ip = ident(request)
-            b = arena.new_battle(judge, session)
+            judge, session, ip = ident(request)
+            b = arena.new_battle(judge, session, ip)
         except (PermissionError, VoteRejected) as exc:
             raise gr.Error(str(exc)) from None
         left, right = arena.media_path(b.left[1]), arena.media_path(b.right[1])
@@ -216,7 +384,7 @@ def build_arena_ui(arena: Arena):
     def reveal_text(result: dict) -> str:
         chosen = {"left": "A", "right": "B", "tie": "a tie", "bothbad": "both bad"}[result["side"]]
         return (f"**A** was **{html.escape(result['left_model'])}** · **B** was "
-                f"**{html.escape(result['right_model'])}** — you voted {chosen}. Thanks! Press *New round*.")
+                f"**{html.escape(result['right_model'])}** — you voted {chosen}. Thanks! Press *New round* (or N).")
 
     def vote_api(side: str, battle_id: str, vote_id: str, request: gr.Request) -> dict:
         """Vote on a battle issued by /new_battle: side is left, right, tie or bothbad; vote_id (optional) makes
@@ -227,32 +395,51 @@ def build_arena_ui(arena: Arena):
         board = arena.board()
         summary = (f"{board['votes']} rated votes" + (" (flagged judges excluded)"
                    if arena.cfg.leaderboard.exclude_flagged else ""))
-        return arena.board_table(), heatmap_html(board), summary
+        if arena.retired:
+            summary += " · out of the rotation: " + ", ".join(sorted(arena.retired))
+        return arena.board_table(), arena.pair_rows(), heatmap_html(board), summary
+
+    def board_csv() -> str:
+        """The leaderboard as a CSV file."""
+        return _csv_file(arena.board_csv(), "leaderboard-")
 
     with gr.Blocks(title=arena.cfg.title) as demo:
         gr.Markdown(f"# {html.escape(arena.cfg.title)}\nTwo anonymous models answer the same prompt. Vote for the "
                     "better one; their names are revealed after your vote.")
         with gr.Tab("Arena"):
-            prompt_md = gr.Markdown()
-            with gr.Row():
+            prompt_md = gr.Markdown(elem_id="arena-prompt", elem_classes=["diffalign-prompt"])
+            with gr.Row(equal_height=True):
                 left = _media_component(gr, arena.cfg.modality, "A")
                 right = _media_component(gr, arena.cfg.modality, "B")
             battle_box = gr.Textbox(visible=False)  # an opaque id; identities stay server-side
             with gr.Row():
-                buttons = [gr.Button(SIDE_LABELS[s], interactive=False) for s in SIDES]
+                buttons = [gr.Button(SIDE_LABELS[s], interactive=False, elem_id=f"vote-{s}") for s in SIDES]
             reveal = gr.Markdown()
-            again = gr.Button("🎲  New round", variant="primary")
+            again = gr.Button("New round", variant="primary", elem_id="new-round")
+            gr.Markdown(_key_help())
         with gr.Tab("Leaderboard") as lb_tab:
             summary = gr.Markdown()
             table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="leaderboard")
             gr.Markdown("Ratings: Bradley–Terry maximum likelihood on the Elo scale (base 1000), with bootstrap 95% "
-                        "intervals; rank = 1 + models whose lower bound beats this model's upper bound.")
+                        "intervals; rank = 1 + models whose lower bound beats this model's upper bound. An interval "
+                        f"from fewer than {arena.cfg.leaderboard.min_votes_for_ci} votes reads *{NOT_ENOUGH}*.")
+            pairs = gr.Dataframe(headers=PAIR_HEADERS, interactive=False, label="votes per pair")
+            gr.Markdown("Per pair: A's score rate (wins + ½ ties) with a Wilson 95% interval.")
             heat = gr.HTML()
-            refresh = gr.Button("Refresh")
+            with gr.Row():
+                refresh = gr.Button("Refresh")
+                csv_btn = gr.Button("Download CSV")
+            csv_out = gr.File(label="leaderboard.csv", interactive=False)
         if arena.cfg.server.admins:
             with gr.Tab("Admin"):
                 flag_btn = gr.Button("Flag suspicious judges")
                 flag_out = gr.JSON(label="flags")
+                gr.Markdown("**Export votes to training data** (Pick-a-Pic-style parquet that `diffalign train` "
+                            "reads; ties as 0.5/0.5, both-bad flagged).")
+                exclude = gr.Checkbox(label="exclude flagged judges", value=True)
+                export_btn = gr.Button("Export to training data")
+                export_file = gr.File(label="export", interactive=False)
+                export_msg = gr.Markdown()
 
                 def do_flag(request: gr.Request):
                     if not ident.is_admin(request):
@@ -262,11 +449,32 @@ def build_arena_ui(arena: Arena):
                     flag_suspicious(arena.store, arena.cfg.flagging)
                     return arena.store.flags()
 
-                flag_btn.click(do_flag, None, flag_out, api_name="flag")
+                def do_export(exclude_flagged: bool, request: gr.Request):
+                    """Admins: write the votes as a preference parquet (returns the file and a line saying where)."""
+                    if not ident.is_admin(request):
+                        raise gr.Error("admins only")
+                    from apps.export import export_votes
+
+                    stamp = time.strftime("%Y%m%d-%H%M%S")
+                    out = export_dir(arena) / f"votes-{stamp}-{random.randrange(16**6):06x}.parquet"
+                    try:
+                        path = export_votes(arena.cfg.db, out, exclude_flagged=bool(exclude_flagged))
+                    except (ValueError, FileNotFoundError) as exc:
+                        raise gr.Error(str(exc)) from None
+                    return str(path), f"Wrote `{path}`"
+
+                flag_btn.click(do_flag, None, flag_out, api_name="flag", concurrency_limit=1,
+                               concurrency_id="arena_admin")
+                export_btn.click(do_export, exclude, [export_file, export_msg], api_name="export",
+                                 concurrency_limit=1, concurrency_id="arena_admin")
 
         outs = [prompt_md, left, right, battle_box, reveal] + buttons
-        demo.load(issue, None, outs, api_visibility="private")
-        again.click(issue, None, outs, api_name="new_battle")
+        shortcuts = {f"vote-{s}": SIDE_KEYS[s] for s in SIDES} | {"new-round": NEW_ROUND_KEYS}
+        demo.load(None, None, None, js=page_js(shortcuts), api_visibility="private")
+        battle_events = dict(concurrency_limit=n_fast, concurrency_id="arena_battle")
+        demo.load(issue, None, outs, api_visibility="private", **battle_events)
+        again.click(issue, None, outs, api_name="new_battle", **battle_events)
+
         def clicker(side: str):
             def on_click(battle_id: str, request: gr.Request):
                 result = cast(side, battle_id, None, request)
@@ -274,11 +482,14 @@ def build_arena_ui(arena: Arena):
 
             return on_click
 
+        vote_events = dict(concurrency_limit=n_fast, concurrency_id="arena_vote")
         for side, btn in zip(SIDES, buttons):
-            btn.click(clicker(side), battle_box, [reveal] + buttons, api_visibility="private")
-        gr.api(vote_api, api_name="vote")
-        refresh.click(board_outputs, None, [table, heat, summary], api_name="leaderboard")
-        lb_tab.select(board_outputs, None, [table, heat, summary], api_visibility="private")
+            btn.click(clicker(side), battle_box, [reveal] + buttons, api_visibility="private", **vote_events)
+        gr.api(vote_api, api_name="vote", **vote_events)
+        board_events = dict(concurrency_limit=2, concurrency_id="arena_board")
+        refresh.click(board_outputs, None, [table, pairs, heat, summary], api_name="leaderboard", **board_events)
+        lb_tab.select(board_outputs, None, [table, pairs, heat, summary], api_visibility="private", **board_events)
+        csv_btn.click(board_csv, None, csv_out, api_name="leaderboard_csv", **board_events)
     return demo
 
 
@@ -293,8 +504,13 @@ def serve(cfg: ArenaConfig, *, block: bool = True, port: int | None = None):
     from apps.rest import mount_rest
 
     arena = Arena(cfg)
+    if arena.pool is not None:
+        arena.pool.start()  # prepare battles before the first visitor arrives
     demo = build_arena_ui(arena)
-    launch(demo, cfg.server, allowed_paths=[arena.store.media_dir], block=block, port=port,
+    exports = export_dir(arena)
+    exports.mkdir(parents=True, exist_ok=True)
+    launch(demo, cfg.server, keys=SessionKeys.beside(arena.store.path), limits=cfg.limits,
+           allowed_paths=[arena.store.media_dir, exports], block=block, port=port,
            on_app=lambda app: mount_rest(app, arena))
     return demo, arena
 

@@ -42,20 +42,27 @@ class PrefixRouter:
 
 
 def put_in_front(app: Any, prefix: str, lean: ASGIApp) -> PrefixRouter:
-    """Route ``prefix`` to ``lean`` ahead of the whole middleware stack of a running Starlette/FastAPI ``app``
-    (Gradio's ``demo.server_app``). Starlette keeps the built stack in ``app.middleware_stack`` and builds it only
-    while it is None, so wrapping it takes effect for the next request on every connection, old or new, and no
-    Gradio middleware or route is changed. That attribute is Starlette's internals, not its API:
-    tests/test_apps_rest.py serves both sides through it, so an upgrade that changes it fails there."""
+    """Route ``prefix`` to ``lean`` ahead of the whole middleware stack of a Starlette/FastAPI ``app`` (Gradio's
+    ``demo.server_app``); everything else goes on to the stack as before (``install_front``)."""
+    return install_front(app, lambda inner: PrefixRouter(prefix, lean, inner))
+
+
+def install_front(app: Any, wrap: Callable[[ASGIApp], ASGIApp]) -> Any:
+    """Put ``wrap(stack)`` in front of ``app``'s built middleware stack. Starlette keeps the built stack in
+    ``app.middleware_stack`` and builds it only while it is None, so the wrapper takes effect for the next request
+    on every connection, old or new, and no Gradio middleware or route is changed. Called from the lifespan
+    start-up (``apps.serve.launch``), it is in place before the server accepts a connection. That attribute is
+    Starlette's internals, not its API: tests/test_apps_rest.py serves both sides through it, so an upgrade that
+    changes it fails there."""
     inner = getattr(app, "middleware_stack", None)
     if inner is None:
         build = getattr(app, "build_middleware_stack", None)
         if build is None:
             raise TypeError(f"expected a Starlette/FastAPI app, got {type(app).__name__}")
         inner = build()
-    router = PrefixRouter(prefix, lean, inner)
-    app.middleware_stack = router
-    return router
+    front = wrap(inner)
+    app.middleware_stack = front
+    return front
 
 
 def header_map(scope: Scope) -> dict[str, str]:
@@ -89,17 +96,48 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
             return b"".join(chunks)
 
 
-def json_object(raw: bytes) -> dict:
-    """A JSON object from a body (empty body = {}), or ValueError with a message a client can act on."""
+_MAX_DEPTH = 32
+
+
+def json_object(raw: bytes, max_depth: int = _MAX_DEPTH) -> dict:
+    """A JSON object from a body (empty body = {}), or ValueError with a message a client can act on. A body nested
+    deeper than ``max_depth`` is refused before parsing: the decoder recurses once per level, and how deep it may
+    go depends on the thread's stack, so such a body could otherwise end as a RecursionError (a 500)."""
     if not raw:
         return {}
+    if raw.count(b"[") + raw.count(b"{") > max_depth and _depth(raw) > max_depth:  # counting is cheap; scan rarely
+        raise ValueError(f"request body is nested too deeply (at most {max_depth} levels)")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("request body is not valid JSON") from None
+    except RecursionError:  # a body of nested brackets: the decoder recurses once per level
+        raise ValueError("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("request body must be a JSON object")
     return data
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest bracket nesting of a JSON text, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once, not per reply

@@ -9,6 +9,7 @@ already in the vote store, by content hash, so a battle only ever refers to byte
 from __future__ import annotations
 
 import abc
+import logging
 import random
 import threading
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Sequence
 
 from apps.store import VoteStore
-from apps.uploads import KINDS, check_media
+from apps.uploads import KINDS, UploadRejected, check_media
 
 PROMPT_FILE = "prompt.txt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,8 +34,13 @@ class ContenderConfig:
     steps: int = 20
     guidance: float = 3.0
     params: dict[str, str] = field(default_factory=dict)  # shown with the reveal (e.g. training run)
+    #: live generators: auto | off | a backend name, as a recipe's model.attention
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
+        from diffalign.attention.option import check_attention_option
+
+        check_attention_option(self.attention, f"contender {self.name!r}: attention")
         if not self.name or "/" in self.name:
             raise ValueError(f"contender name {self.name!r} must be non-empty and contain no '/'")
         if (self.gallery is None) == (self.generator is None):
@@ -55,7 +62,9 @@ class Contender(abc.ABC):
 
 class GalleryContender(Contender):
     """Pre-generated files. Every file is checked by content once, at start-up, so a battle never shows a file
-    of the wrong kind and a misnamed file is reported with its path."""
+    of the wrong kind. A file that is missing (a dangling link), empty, undecodable, of the wrong kind, too large
+    or a link out of the gallery is *skipped*, not fatal: ``problems`` lists each with its path (the arena logs
+    them at start-up) and the rest are served. Only a gallery left with nothing to show is an error."""
 
     def __init__(self, name: str, folder: str | Path, kind: str, *, max_bytes: int = 200 * 2**20):
         self.name, self.kind = name, kind
@@ -65,47 +74,83 @@ class GalleryContender(Contender):
         self._files: dict[str, list[Path]] = {}
         self._sha: dict[Path, str] = {}
         self._lock = threading.Lock()
+        #: one line per skipped file or folder, naming it and why
+        self.problems: list[str] = []
         root = self.folder.resolve()
         for sub in sorted(p for p in self.folder.iterdir() if p.is_dir()):
             prompt_file = sub / PROMPT_FILE
             if not prompt_file.is_file():
-                raise ValueError(f"gallery {self.folder}: folder {sub.name!r} has no {PROMPT_FILE}")
-            prompt = prompt_file.read_text(encoding="utf-8").strip()
+                self.problems.append(f"{sub}: no {PROMPT_FILE} (folder skipped)")
+                continue
+            prompt = prompt_file.read_text(encoding="utf-8", errors="replace").strip()
             if not prompt:
-                raise ValueError(f"gallery {self.folder}: {prompt_file} is empty")
+                self.problems.append(f"{prompt_file}: empty (folder skipped)")
+                continue
             files = []
             for f in sorted(sub.iterdir()):
-                if f.name == PROMPT_FILE or f.name.startswith(".") or not f.is_file():
+                if f.name == PROMPT_FILE or f.name.startswith("."):
                     continue
-                if root not in f.resolve().parents:
-                    raise ValueError(f"gallery {self.folder}: {f} links outside the gallery")
-                if f.stat().st_size > max_bytes:
-                    raise ValueError(f"gallery {self.folder}: {f} is larger than {max_bytes} bytes")
-                found = check_media(f.read_bytes(), allowed=KINDS, max_bytes=max_bytes, what=str(f))
-                if found.kind != kind:
-                    raise ValueError(f"gallery {self.folder}: {f} is {found.kind}, but this arena shows {kind}")
-                files.append(f)
+                problem = self._check(f, root, kind, max_bytes)
+                if problem:
+                    self.problems.append(f"{f}: {problem}")
+                elif f.is_file():
+                    files.append(f)
             if files:
                 self._files.setdefault(prompt, []).extend(files)
         if not self._files:
-            raise ValueError(f"gallery {self.folder} holds no media (expected <prompt folder>/{PROMPT_FILE} + files)")
+            detail = f"; skipped: {'; '.join(self.problems)}" if self.problems else ""
+            raise ValueError(f"gallery {self.folder} holds no usable media (expected <prompt folder>/{PROMPT_FILE} "
+                             f"+ files){detail}")
+
+    @staticmethod
+    def _check(f: Path, root: Path, kind: str, max_bytes: int) -> str | None:
+        """Why ``f`` cannot be shown (None: it can, or it is a sub-folder, which is ignored)."""
+        if f.is_symlink() and not f.exists():
+            return "missing (a link to a file that does not exist)"
+        if not f.is_file():
+            return None
+        if root not in f.resolve().parents:
+            return "links outside the gallery"
+        if f.stat().st_size > max_bytes:
+            return f"larger than {max_bytes} bytes"
+        try:
+            found = check_media(f.read_bytes(), allowed=KINDS, max_bytes=max_bytes, what=f.name)
+        except (UploadRejected, OSError) as exc:
+            return f"unreadable or undecodable ({exc})"
+        if found.kind != kind:
+            return f"is {found.kind}, but this arena shows {kind}"
+        return None
 
     def prompts(self) -> set[str]:
-        return set(self._files)
+        with self._lock:
+            return {p for p, files in self._files.items() if files}
 
     def produce(self, prompt: str, rng: random.Random, store: VoteStore) -> tuple[str, dict]:
-        files = self._files.get(prompt)
-        if not files:
-            raise KeyError(f"contender {self.name!r} has no output for prompt {prompt!r}")
-        path = rng.choice(files)
-        with self._lock:
-            sha = self._sha.get(path)
-        if sha is None:
-            media = check_media(path.read_bytes(), allowed=(self.kind,), max_bytes=1 << 40, what=str(path))
+        """One file for ``prompt``. A file that vanished (or broke) since start-up is dropped and another tried;
+        only when none is left for the prompt does this raise."""
+        while True:
+            with self._lock:
+                files = list(self._files.get(prompt, ()))
+            if not files:
+                raise KeyError(f"contender {self.name!r} has no (remaining) output for prompt {prompt!r}")
+            path = rng.choice(files)
+            with self._lock:
+                sha = self._sha.get(path)
+            if sha is not None:
+                return sha, {"file": path.name}
+            try:
+                media = check_media(path.read_bytes(), allowed=(self.kind,), max_bytes=1 << 40, what=str(path))
+            except (UploadRejected, OSError) as exc:
+                log.error("arena: contender %r: %s is no longer usable and is skipped (%s)", self.name, path, exc)
+                with self._lock:
+                    self.problems.append(f"{path}: no longer usable ({exc})")
+                    if path in self._files.get(prompt, []):
+                        self._files[prompt].remove(path)
+                continue
             sha = store.put_media(media.data, media.ext, media.kind)
             with self._lock:
                 self._sha[path] = sha
-        return sha, {"file": path.name}
+            return sha, {"file": path.name}
 
 
 class LiveContender(Contender):
@@ -123,7 +168,11 @@ class LiveContender(Contender):
         if self._gen is None:
             from diffalign.generators.registry import load_generator  # heavy: only when a live battle needs it
 
-            self._gen = load_generator(self.cfg.generator, lora=self.cfg.lora, device=self.device)
+            from diffalign.attention import apply_attention
+
+            gen = load_generator(self.cfg.generator, lora=self.cfg.lora, device=self.device)
+            apply_attention(gen, self.cfg.attention, f"contender {self.name!r}: attention")
+            self._gen = gen
         return self._gen
 
     def produce(self, prompt: str, rng: random.Random, store: VoteStore) -> tuple[str, dict]:
@@ -173,8 +222,12 @@ def build_contenders(configs: Sequence[ContenderConfig], kind: str, device: str 
         raise ValueError(f"contender names must be unique; repeated: {', '.join(dupes)}")
     if len(configs) < 2:
         raise ValueError(f"an arena needs at least two contenders, got {len(configs)}")
-    return [GalleryContender(c.name, c.gallery, kind) if c.gallery is not None else LiveContender(c, kind, device)
-            for c in configs]
+    built = [GalleryContender(c.name, c.gallery, kind) if c.gallery is not None else LiveContender(c, kind, device)
+             for c in configs]
+    for c in built:  # bad gallery files were skipped: say which, once, at start-up
+        for problem in getattr(c, "problems", ()):
+            log.warning("contender %r: skipped %s", c.name, problem)
+    return built
 
 
 def shared_prompts(a: Contender, b: Contender, fallback: Sequence[str]) -> list[str]:

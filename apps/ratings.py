@@ -388,6 +388,54 @@ def win_rate_matrix(battles: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
     return data.models, rate, count
 
 
+@dataclass
+class PairRow:
+    """Votes between one pair of models (names sorted, so A/B here is alphabetical, not the stored side)."""
+
+    model_a: str
+    model_b: str
+    votes: int
+    wins_a: int
+    wins_b: int
+    ties: int  # ties and both-bad votes
+    score_a: float  # (wins_a + ½ ties) / votes
+    lower: float  # Wilson 95% interval of score_a
+    upper: float
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a proportion (Wilson 1927). Unlike the normal approximation or a bootstrap over
+    few identical outcomes it never collapses to zero width (3 wins of 3 gives [0.44, 1], not [1, 1]). Ties
+    enter as half a success."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pair_table(battles: Any) -> list[PairRow]:
+    """Votes per unordered pair (both orientations counted), most-voted first, with A's score rate and its
+    Wilson 95% interval."""
+    data = as_battles(battles)
+    cells: dict[tuple[str, str], list[int]] = {}
+    for i, j, s in zip(data.a.tolist(), data.b.tolist(), data.score.tolist()):
+        a, b = data.models[i], data.models[j]
+        if a > b:
+            a, b, s = b, a, 1.0 - s
+        c = cells.setdefault((a, b), [0, 0, 0])
+        c[0 if s == 1.0 else 1 if s == 0.0 else 2] += 1
+    rows = []
+    for (a, b), (wa, wb, t) in cells.items():
+        n = wa + wb + t
+        lo, hi = wilson_interval(wa + 0.5 * t, n)
+        rows.append(PairRow(a, b, n, wa, wb, t, (wa + 0.5 * t) / n, lo, hi))
+    rows.sort(key=lambda r: (-r.votes, r.model_a, r.model_b))
+    return rows
+
+
 def expected_win_rate(rating_a: float, rating_b: float, scale: float = 400.0) -> float:
     """P(a ≻ b) implied by two ratings."""
     return 1.0 / (1.0 + 10.0 ** ((rating_b - rating_a) / scale))

@@ -6,15 +6,19 @@ two orders of magnitude. These routes call the same ``Arena.new_battle`` / ``Are
 security rules stay where they are enforced:
 
   * identity is made by the server only: HTTP Basic credentials checked against the configured password hashes
-    (``users`` mode), or — in open mode — the same anonymous id ``judge_of`` derives from a session;
-  * the session is a token this server signed (HMAC with a per-process secret) and returned from
-    ``POST /api/v1/battle``; an invented or altered token is refused, so a client cannot pick its session;
+    (``users`` mode; failures slowed down and locked out per account and address by ``LoginGuard``), or — in open
+    mode — an anonymous id derived, with the server's key, from the session token it signed (and the address);
+  * the session is a token this server signed (keyed BLAKE2b, ``SessionKeys``) and returned from
+    ``POST /api/v1/battle``; an invented or altered token is refused, so a client cannot pick its session, and
+    nothing a Gradio client controls (its session hash) can stand in for it;
   * a vote is accepted only for a battle issued to that judge in that session, once, in one transaction, under the
-    per-judge rate limit, with ``vote_id`` as the idempotency key (all inside ``VoteStore.record_vote``).
+    per-judge and per-address rate limits, with ``vote_id`` as the idempotency key (all inside
+    ``VoteStore.record_vote``); the same ``vote_id`` with another choice is a conflict (409), not a replay.
 
 The session travels in the ``X-Arena-Session`` header, never a cookie, so another site cannot vote through a
-visitor's browser. Tokens die with the process (the secret is not stored). Request bodies are capped at 4 KiB
-(413 beyond, refused before the rest is read).
+visitor's browser. The signing key is kept beside the database, so tokens survive a restart and a vote in flight
+during a crash can be retried. Request bodies are capped at 4 KiB (413 beyond, refused before the rest is read);
+a body nested too deeply to parse is a 400.
 
 The routes are a raw ASGI app put in front of Gradio's whole stack on the same server (``apps.asgi``), with no
 FastAPI layer: at 50 back-to-back voters on two cores, the fixed per-request cost of those layers and of a
@@ -42,8 +46,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from apps.asgi import BodyTooLarge, header_map, json_object, put_in_front, read_body, send_json
-from apps.auth import PasswordCheck, client_ip, judge_of
-from apps.store import SIDES, RateLimited, VoteRejected
+from apps.auth import LoginGuard, LoginLocked, PasswordCheck, SessionKeys, client_ip
+from apps.store import SIDES, RateLimited, VoteConflict, VoteRejected
 
 PREFIX = "/api/v1"
 SESSION_HEADER = "x-arena-session"
@@ -55,31 +59,25 @@ _log = logging.getLogger(__name__)
 
 
 class RestAuth:
-    """Session tokens and request -> (judge, session, ip) for the JSON API; no Gradio objects involved."""
+    """Session tokens and request -> (judge, session, ip) for the JSON API; no Gradio objects involved.
+    ``keys``: the server's ``SessionKeys`` (or a secret to make them from; None: a fresh per-process secret)."""
 
-    def __init__(self, server: Any, secret: bytes | None = None):
+    def __init__(self, server: Any, keys: SessionKeys | bytes | None = None, guard: LoginGuard | None = None):
         self.server = server
-        # any length of secret -> a 32-byte BLAKE2 key (its limit is 64)
-        self._secret = hashlib.blake2b(secret or secrets.token_bytes(32), digest_size=32).digest()
+        if not isinstance(keys, SessionKeys):
+            keys = SessionKeys(keys or secrets.token_bytes(32))
+        self.keys = keys
         self._passwords = PasswordCheck(server.users) if server.users and not server.open_mode else None
+        self.guard = guard if guard is not None else (LoginGuard() if self._passwords is not None else None)
         self._verified: dict[bytes, str] = {}
 
     def new_session(self) -> str:
-        raw = secrets.token_hex(16)
-        return f"{raw}.{self._sign(raw)}"
+        return self.keys.new_token("rest")
 
     def session_of(self, token: str | None) -> str | None:
         """The session id inside a token this server signed, else None."""
-        raw, _, sig = str(token or "").partition(".")
-        if not raw or not sig or not hmac.compare_digest(sig, self._sign(raw)):
-            return None
-        return "rest-" + raw
-
-    def _sign(self, raw: str) -> str:
-        # Keyed BLAKE2b is a MAC by design (RFC 7693 §2.5): about 1 µs here against about 4 µs for HMAC-SHA256
-        # through OpenSSL, which showed up in the event loop's profile under load. Tokens die with the process,
-        # so the scheme can change between versions.
-        return hashlib.blake2b(raw.encode(), key=self._secret, digest_size=16).hexdigest()
+        raw = self.keys.verify(token, "rest")
+        return None if raw is None else "rest-" + raw
 
     def wants_password(self, headers: Any) -> bool:
         """True when checking this request's credentials may run PBKDF2 (users mode, Basic header, not yet
@@ -88,9 +86,10 @@ class RestAuth:
         return (self._passwords is not None and value[:6].lower() == "basic "
                 and hashlib.sha256(value.encode()).digest() not in self._verified)
 
-    def username(self, headers: Any) -> str | None:
-        """The user of a valid ``Authorization: Basic`` header (users mode), else None. A verified header is
-        remembered by its SHA-256 (never in clear), so later requests skip PBKDF2; failures are not remembered."""
+    def username(self, headers: Any, ip: str | None = None) -> str | None:
+        """The user of a valid ``Authorization: Basic`` header (users mode), else None; ``LoginLocked`` when the
+        account or address has failed too often lately. A verified header is remembered by its SHA-256 (never in
+        clear), so later requests skip PBKDF2 and the guard; failures are not remembered, only counted."""
         if self._passwords is None:
             return None
         value = str(headers.get("authorization") or "")
@@ -105,8 +104,13 @@ class RestAuth:
             user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        if not sep or not self._passwords(user, password):
+        if not sep:
             return None
+        self.guard.check(user, ip)
+        if not self._passwords(user, password):
+            self.guard.failed(user, ip)
+            return None
+        self.guard.succeeded(user, ip)
         if len(self._verified) < _MAX_VERIFIED:  # only verified credentials get in, and at most this many
             self._verified[key] = user
         return user
@@ -114,15 +118,19 @@ class RestAuth:
     def identify(self, headers: Any, client: Any, session: str | None, *, username: Any = _UNSET) \
             -> tuple[str, str | None]:
         """(judge, ip), or PermissionError when the caller is not signed in (users mode) / has no session.
-        ``username``: the result of ``self.username(headers)`` when the caller already has it."""
+        ``username``: the result of ``self.username(headers, ip)`` when the caller already has it."""
+        ip = client_ip(SimpleNamespace(headers=headers, client=client),
+                       trust_proxy_headers=self.server.trust_proxy_headers)
         if username is _UNSET:
-            username = self.username(headers)
-        if self._passwords is not None and username is None:
+            username = self.username(headers, ip)
+        if username:
+            return f"user:{username}", ip
+        if not self.server.open_mode:
             raise PermissionError("sign in to vote: send HTTP Basic credentials of a configured user")
-        request = SimpleNamespace(username=username, session_hash=session, headers=headers, client=client)
-        judge = judge_of(request, open_mode=self.server.open_mode,
-                         trust_proxy_headers=self.server.trust_proxy_headers)
-        return judge, client_ip(request, trust_proxy_headers=self.server.trust_proxy_headers)
+        raw = session[len("rest-"):] if session and session.startswith("rest-") else ""
+        if not raw:  # ``session``: what ``session_of`` returned for a token this server signed
+            raise PermissionError(f"no session: send the {SESSION_HEADER} header that /api/v1/battle returned")
+        return self.keys.judge("rest", raw, ip), ip
 
 
 class RestApp:
@@ -161,6 +169,7 @@ class RestApp:
         else:
             methods, handler = self._routes.get(path, ((), None))
         headers = header_map(scope)
+        retry_after = None
         try:
             if handler is None:
                 status, body = 404, {"error": f"no such endpoint: {path}"}
@@ -171,10 +180,15 @@ class RestApp:
                 if out is None:  # the handler sent the response itself (media)
                     return
                 status, body = out
+        except LoginLocked as exc:
+            status, body = 429, {"error": str(exc)}
+            retry_after = exc.retry_after
         except PermissionError as exc:
             status, body = 401, {"error": str(exc)}
         except RateLimited as exc:
             status, body = 429, {"error": str(exc)}
+        except VoteConflict as exc:
+            status, body = 409, {"error": str(exc)}
         except VoteRejected as exc:
             status, body = 403, {"error": str(exc)}
         except BodyTooLarge as exc:
@@ -189,6 +203,8 @@ class RestApp:
         extra = [(b"server-timing", f"app;dur={(time.perf_counter() - t0) * 1000.0:.3f}".encode())]
         if status == 405:
             extra.append((b"allow", ", ".join(methods).encode()))
+        if retry_after is not None:
+            extra.append((b"retry-after", str(retry_after).encode()))
         await send_json(send, status, body, extra)
 
     async def _identify(self, scope: dict, headers: dict, session: str | None) -> tuple[str, str | None]:
@@ -196,7 +212,9 @@ class RestApp:
         client = scope.get("client")
         client = SimpleNamespace(host=client[0], port=client[1]) if client else None
         if self.auth.wants_password(headers):
-            user = await self._run(self._login, self.auth.username, headers)
+            ip = client_ip(SimpleNamespace(headers=headers, client=client),
+                           trust_proxy_headers=self.auth.server.trust_proxy_headers)
+            user = await self._run(self._login, self.auth.username, headers, ip)
             return self.auth.identify(headers, client, session, username=user)
         return self.auth.identify(headers, client, session)
 
@@ -211,8 +229,8 @@ class RestApp:
         session = self.auth.session_of(token)
         if session is None:
             raise PermissionError(f"unknown session: drop the {SESSION_HEADER} header to start a new one")
-        judge, _ip = await self._identify(scope, headers, session)
-        b = await self._run(self._battles, self.arena.new_battle, judge, session)
+        judge, ip = await self._identify(scope, headers, session)
+        b = await self._run(self._battles, self.arena.new_battle, judge, session, ip=ip)
         return 200, {"battle_id": b.battle_id, "prompt": b.prompt, "session": token,
                      "left": f"{PREFIX}/media/{b.left[1]}", "right": f"{PREFIX}/media/{b.right[1]}"}
 
@@ -254,8 +272,12 @@ class RestApp:
 
 
 def mount_rest(app: Any, arena: Any, *, secret: bytes | None = None) -> RestAuth:
-    """Serve the ``/api/v1`` routes from the Gradio server ``app`` (its FastAPI app, running), ahead of every
-    Gradio layer; the rest of the site is untouched."""
-    auth = RestAuth(arena.cfg.server, secret)
+    """Serve the ``/api/v1`` routes from the Gradio server ``app`` ahead of every Gradio layer; the rest of the
+    site is untouched. Tokens are signed with the keys kept beside the arena's database (``secret`` instead: a
+    key of its own); failed sign-ins count in the same guard as Gradio's ``/login`` (``app.state.login_guard``,
+    left there by ``apps.serve.launch``)."""
+    keys = secret if secret is not None else SessionKeys.beside(arena.store.path)
+    state = getattr(app, "state", None)
+    auth = RestAuth(arena.cfg.server, keys, getattr(state, "login_guard", None))
     put_in_front(app, PREFIX, RestApp(arena, auth))
     return auth

@@ -1,5 +1,6 @@
 """What the arena and the annotation app share: the server/access config sections, Gradio import with a helpful
-error, request -> judge resolution, and ``launch`` bound to loopback by default.
+error, request -> judge resolution, and ``launch`` bound to loopback by default, with its front door (voter cookie,
+sign-in throttle, upload route; ``apps.gate``) and any extra routes in place before the port accepts connections.
 
 Gradio is imported here lazily (it is the [app] extra), so ``import apps`` and the pure parts (store, ratings,
 export) work without it.
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from apps.auth import PasswordCheck, check_hash_format, client_ip, judge_of
+from apps.auth import LoginGuard, PasswordCheck, SessionKeys, check_hash_format, client_ip, judge_of
 
 
 @dataclass
@@ -50,13 +51,46 @@ class ServerConfig:
 class LimitsConfig:
     votes_per_minute: int = 30
     battles_per_minute: int = 60
+    #: per client address, all judges from it together. None: in open mode the per-judge value (a fresh session
+    #: is a fresh judge, so one address could otherwise out-vote everyone); with sign-in, no address limit (a lab
+    #: behind one NAT is many real users)
+    votes_per_minute_per_address: int | None = None
+    battles_per_minute_per_address: int | None = None
     max_upload_mb: float = 20.0
+    #: images larger than this are refused from their header, before any pixel is decoded
+    max_upload_megapixels: float = 40.0
+    #: failed sign-ins (per account and per address) before a temporary lockout; the ones after the third wait
+    #: 1 s, 2 s, 4 s … first
+    failed_logins_before_lockout: int = 10
+    lockout_minutes: float = 15.0
 
     def __post_init__(self) -> None:
         if self.votes_per_minute < 1 or self.battles_per_minute < 1:
             raise ValueError("limits: votes_per_minute and battles_per_minute must be ≥ 1")
+        for key in ("votes_per_minute_per_address", "battles_per_minute_per_address"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"limits.{key} must be ≥ 1 (or unset), got {value}")
         if self.max_upload_mb <= 0:
             raise ValueError("limits.max_upload_mb must be > 0")
+        if self.max_upload_megapixels <= 0:
+            raise ValueError("limits.max_upload_megapixels must be > 0")
+        if self.failed_logins_before_lockout < 4:
+            raise ValueError("limits.failed_logins_before_lockout must be ≥ 4 (the first 3 are free), got "
+                             f"{self.failed_logins_before_lockout}")
+        if self.lockout_minutes <= 0:
+            raise ValueError("limits.lockout_minutes must be > 0")
+
+    def per_address(self, open_mode: bool) -> tuple[int | None, int | None]:
+        """(votes, battles) per minute per client address; None = no address limit."""
+        votes, battles = self.votes_per_minute_per_address, self.battles_per_minute_per_address
+        if open_mode:
+            votes = self.votes_per_minute if votes is None else votes
+            battles = self.battles_per_minute if battles is None else battles
+        return votes, battles
+
+    def login_guard(self) -> LoginGuard:
+        return LoginGuard(lock_after=self.failed_logins_before_lockout, lockout_s=self.lockout_minutes * 60.0)
 
 
 def import_gradio():
@@ -69,15 +103,19 @@ def import_gradio():
 
 
 class Identity:
-    """Turns a ``gr.Request`` into (judge, session, ip) — the only place identities are made."""
+    """Turns a ``gr.Request`` into (judge, session, ip) — the only place identities are made. ``keys`` verify the
+    open-mode voter cookie (``SessionKeys.beside(db)``, the same keys ``launch`` issues cookies with)."""
 
-    def __init__(self, server: ServerConfig):
-        self.server = server
+    def __init__(self, server: ServerConfig, keys: SessionKeys | None = None):
+        if server.open_mode and keys is None:
+            raise ValueError("open mode needs the server's signing keys (SessionKeys.beside(<db>)) to tell voters "
+                             "apart")
+        self.server, self.keys = server, keys
 
     def __call__(self, request: Any) -> tuple[str, str | None, str | None]:
-        judge = judge_of(request, open_mode=self.server.open_mode,
+        judge = judge_of(request, open_mode=self.server.open_mode, keys=self.keys,
                          trust_proxy_headers=self.server.trust_proxy_headers)
-        session = getattr(request, "session_hash", None)
+        session = getattr(request, "session_hash", None)  # binds a battle to a page; never an identity
         return judge, session, client_ip(request, trust_proxy_headers=self.server.trust_proxy_headers)
 
     def is_admin(self, request: Any) -> bool:
@@ -85,23 +123,53 @@ class Identity:
         return bool(username) and username in self.server.admins
 
 
-def launch(demo: Any, server: ServerConfig, *, allowed_paths: Sequence[str | Path] = (), block: bool = True,
+def launch(demo: Any, server: ServerConfig, *, keys: SessionKeys | None = None, limits: LimitsConfig | None = None,
+           uploads: bool = False, allowed_paths: Sequence[str | Path] = (), block: bool = True,
            port: int | None = None, on_app: Callable[[Any], None] | None = None) -> Any:
     """Queue and launch on ``server.host`` (loopback unless the config says otherwise) with login when users are
-    configured. ``block=False`` returns at once (tests); the caller then ``demo.close()``s. ``on_app(app)`` gets
-    the running FastAPI server app before this blocks (``apps.rest`` puts its raw-ASGI routes in front of it).
+    configured. ``block=False`` returns at once (tests); the caller then ``demo.close()``s.
+
+    The front door (``apps.gate.Gate``: voter cookies signed with ``keys`` in open mode, the failed-sign-in guard
+    of ``limits``, Gradio's upload route open only when ``uploads`` and someone signs in) and ``on_app(app)``
+    (``apps.rest`` puts its raw-ASGI routes in front of Gradio's app) are installed from the server's lifespan
+    start-up, which uvicorn completes before it listens: no early request meets a half-mounted site.
+    The guard is left in ``app.state.login_guard`` for ``on_app``'s routes to share.
     Uvicorn uses httptools and uvloop by itself when they are installed (the [app] extra lists them) instead of
     h11 and the standard asyncio loop: its fast path, and the one ``benchmarks/arena_load.py`` measures."""
+    import contextlib
+
+    from apps.asgi import install_front
+
     _warn_if_exposed(server)
+    if server.open_mode and keys is None:
+        raise ValueError("open mode needs the server's signing keys (SessionKeys.beside(<db>))")
+    limits = limits or LimitsConfig()
     login = bool(server.users) and not server.open_mode  # open mode: nobody logs in, so nobody is an admin
+    guard = limits.login_guard() if login else None
+    installed: list[Any] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        from apps.gate import Gate
+
+        app.state.login_guard = guard
+        install_front(app, lambda inner: Gate(inner, keys=keys if server.open_mode else None, guard=guard,
+                                              uploads=uploads and login,
+                                              trust_proxy_headers=server.trust_proxy_headers))
+        if on_app is not None:
+            on_app(app)
+        installed.append(app)
+        yield
+
     demo.queue(default_concurrency_limit=server.concurrency, max_size=1024)
     demo.launch(server_name=server.host, server_port=port or server.port, prevent_thread_lock=True,
                 quiet=not block, auth=PasswordCheck(server.users) if login else None,
                 auth_message="Sign in to vote" if login else None,
                 allowed_paths=[str(p) for p in allowed_paths], footer_links=["api"], max_file_size="50mb",
-                show_error=True)
-    if on_app is not None:
-        on_app(demo.server_app)
+                show_error=True, app_kwargs={"lifespan": lifespan}, num_workers=0)
+    if not installed:  # uvicorn logs a failed lifespan start-up and serves anyway; refuse to run half-guarded
+        demo.close()
+        raise RuntimeError("the app's front door was not installed at start-up (see the log above)")
     if block:
         demo.block_thread()
     return demo

@@ -1,19 +1,25 @@
 """Checking media that come from outside (uploads, gallery folders) by their bytes, not their names.
 
 A file's name and the content type the browser claims are both client-controlled, so the kind is sniffed from
-the leading bytes, the size is capped before anything is read in full, images must actually decode, and the name
-is never used as a path: accepted bytes go into the store under their content hash.
+the leading bytes, the size is capped before anything is read in full, and the name is never used as a path:
+accepted bytes go into the store under their content hash.
+
+Images are never stored as sent. Their pixel count is read from the header and checked before a pixel is decoded
+(a 17 KB PNG can declare 144 megapixels: a decompression bomb), then they are decoded and stored as a PNG
+re-encoded from the decoded pixels, so whatever rode along in the file (trailing HTML, an appended zip, metadata
+chunks) is dropped. PNG is lossless, so the pixels voters see are exactly the decoded ones.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffalign.media import MediaError, decode_image_bytes
-
 KINDS = ("image", "video", "audio", "3d")
+MAX_PIXELS = 40_000_000
 
 
 class UploadRejected(ValueError):
@@ -66,8 +72,9 @@ def sniff(data: bytes) -> tuple[str, str] | None:
 
 
 def check_media(data: bytes, *, allowed: tuple[str, ...] = KINDS, max_bytes: int = 20 * 2**20,
-                what: str = "upload") -> Media:
-    """Accept ``data`` if it is recognisable media of an allowed kind within the size limit; images must decode."""
+                max_pixels: int = MAX_PIXELS, what: str = "upload") -> Media:
+    """Accept ``data`` if it is recognisable media of an allowed kind within the size limit. Images must decode
+    within ``max_pixels`` (checked from the header first) and come back re-encoded as PNG (``clean_image``)."""
     if len(data) == 0:
         raise UploadRejected(f"{what} is empty")
     if len(data) > max_bytes:
@@ -80,11 +87,39 @@ def check_media(data: bytes, *, allowed: tuple[str, ...] = KINDS, max_bytes: int
     if kind not in allowed:
         raise UploadRejected(f"{what} is {kind} ({ext}); this app accepts {', '.join(allowed)}")
     if kind == "image":
-        try:
-            decode_image_bytes(data)
-        except MediaError as exc:
-            raise UploadRejected(f"{what}: {exc}") from None
+        return Media(clean_image(data, max_pixels=max_pixels, what=what), "image", ".png")
     return Media(data, kind, ext)
+
+
+def clean_image(data: bytes, *, max_pixels: int = MAX_PIXELS, what: str = "upload") -> bytes:
+    """The image in ``data`` as a PNG made from its decoded pixels (first frame), or ``UploadRejected``.
+
+    The size comes from the header (``Image.open`` reads no pixel data) and is checked before ``load()``; PIL's
+    own decompression-bomb guard stays on as a second line, as an error rather than a warning."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width < 1 or height < 1:
+                    raise UploadRejected(f"{what}: image has no pixels ({width}×{height})")
+                if width * height > max_pixels:
+                    raise UploadRejected(f"{what}: image is {width}×{height} = {width * height / 1e6:.1f} megapixels, "
+                                         f"over the {max_pixels / 1e6:g}-megapixel limit (refused before decoding)")
+                img.load()
+                mode = "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else "RGB"
+                if img.mode in ("L", "I;16", "I") and mode == "RGB":
+                    mode = "L"
+                pixels = img.convert(mode)
+    except UploadRejected:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt or hostile data
+        raise UploadRejected(f"{what}: undecodable image ({type(exc).__name__}: {exc})") from None
+    buf = io.BytesIO()
+    pixels.save(buf, format="PNG")  # a fresh file: no chunk, comment or trailing byte of the original survives
+    return buf.getvalue()
 
 
 def read_upload(path: str | os.PathLike, **kwargs) -> Media:

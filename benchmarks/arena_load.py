@@ -1,7 +1,8 @@
 """Arena load: concurrent voters on loopback (vote latency, rows lost) and the cost of the leaderboard's ratings.
 
     python benchmarks/arena_load.py [--voters 50] [--votes 5] [--models 100] [--battles 100000] [--rounds 1000]
-                                    [--think-ms 100] [--repeats 1] [--parts ratings,store,rest,gradio]
+                                    [--think-ms 100] [--repeats 1] [--parts ratings,store,rest,gradio,browser]
+                                    [--browser-voters 50] [--browser-seconds 60] [--think-s 2,5]
 
 Four measurements, one table (benchmarks/results/arena_load.md). The arena server runs in a subprocess (this
 script with ``--_serve``), so the voters' own Python work does not share the server's GIL:
@@ -13,6 +14,11 @@ script with ``--_serve``), so the voters' own Python work does not share the ser
     ``Server-Timing``. CPU per request of both processes is reported, since on a shared machine it moves far
     less than latency does.
   * Gradio: ``voters`` gradio_client users do the same through Gradio's queue (``/new_battle``, ``/vote``).
+  * Browser path: ``browser-voters`` gradio_client users behave like people in front of the page for
+    ``browser-seconds``: look at a battle for 2–5 s (``--think-s``), vote, and wait for the next battle. The time
+    measured is vote → next battle shown (``/vote`` then ``/new_battle``, including the download of both media
+    files, as a browser does); then the same voters once back to back (no think time). Battles come from the
+    arena's pre-sampled pool, so no generator runs on this path.
   * Store: the same number of threads calling ``VoteStore.record_vote`` directly (the SQLite part alone).
   * Ratings: Bradley–Terry MLE + ``rounds`` bootstrap refits on ``battles`` synthetic battles among ``models``.
 Rows lost = acknowledged votes missing from the database (must be 0); duplicates are counted too.
@@ -306,6 +312,49 @@ def bench_http(voters: int, votes: int, tmp: Path) -> dict:
             "dupes": len(stored) - len(set(stored)), "errors": errors, "wall": wall}
 
 
+def bench_browser(voters: int, seconds: float, tmp: Path, think: tuple[float, float] = (2.0, 5.0)) -> dict:
+    """People at the page, through Gradio's queue: look (``think`` s), vote, see the next battle. Returns the
+    vote → next-battle latencies of the paced run and of a short back-to-back run, and what was stored."""
+    import random
+
+    from gradio_client import Client
+
+    server = _Server(tmp, "browser")
+    acked, lock = [], threading.Lock()
+    paced, b2b = [], []
+    try:
+        clients = [Client(server.url, verbose=False) for _ in range(voters)]
+
+        def session(k: int, until: float, pause: tuple[float, float], out: list, tag: str):
+            c, rng = clients[k], random.Random(k)
+            battle_id = c.predict(api_name="/new_battle")[3]
+            i = 0
+            while time.perf_counter() < until:
+                if pause[1] > 0:
+                    time.sleep(rng.uniform(*pause))
+                t0 = time.perf_counter()
+                r = c.predict(("left", "right", "tie", "bothbad")[(k + i) % 4], battle_id, f"{tag}{k}-{i}",
+                              api_name="/vote")
+                battle_id = c.predict(api_name="/new_battle")[3]
+                dt = time.perf_counter() - t0
+                with lock:
+                    out.append(dt)
+                    acked.append(r["vote_id"])
+                i += 1
+
+        start = time.perf_counter()
+        errors, wall = _run_voters(voters, lambda k: session(k, start + seconds, think, paced, "p"))
+        start = time.perf_counter()
+        errors2, wall2 = _run_voters(voters, lambda k: session(k, start + min(10.0, seconds / 3), (0.0, 0.0), b2b,
+                                                               "b"))
+    finally:
+        server.stop()
+    stored = _stored(server.db)
+    return {"paced": paced, "b2b": b2b, "acked": len(acked), "stored": len(stored),
+            "lost": len(set(acked) - set(stored)), "dupes": len(stored) - len(set(stored)),
+            "errors": errors + errors2, "wall": wall + wall2}
+
+
 def bench_store(voters: int, votes: int, tmp: Path) -> dict:
     from apps.store import VoteStore
 
@@ -379,8 +428,12 @@ def main(argv=None) -> int:
                     help="mean pause of the paced JSON-API run (uniform 0..2×); the first run never pauses")
     ap.add_argument("--repeats", type=int, default=1,
                     help="unpaced JSON-API runs (each its own row: on a shared machine one run is one sample)")
-    ap.add_argument("--parts", default="ratings,store,rest,gradio",
-                    help="comma-separated subset of ratings,store,rest,gradio (the table shows only those run)")
+    ap.add_argument("--parts", default="ratings,store,rest,gradio,browser",
+                    help="comma-separated subset of ratings,store,rest,gradio,browser (the table shows only those "
+                         "run)")
+    ap.add_argument("--browser-voters", type=int, default=50, help="people at the page (browser-path scenario)")
+    ap.add_argument("--browser-seconds", type=float, default=60.0, help="how long the paced browser run lasts")
+    ap.add_argument("--think-s", default="2,5", help="a person's look at a battle: uniform MIN,MAX seconds")
     ap.add_argument("--_serve", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -388,8 +441,15 @@ def main(argv=None) -> int:
         _serve_main(args._serve, args.port)
         return 0
     parts = set(args.parts.split(","))
-    if parts - {"ratings", "store", "rest", "gradio"}:
-        ap.error(f"--parts: unknown {', '.join(sorted(parts - {'ratings', 'store', 'rest', 'gradio'}))}")
+    known = {"ratings", "store", "rest", "gradio", "browser"}
+    if parts - known:
+        ap.error(f"--parts: unknown {', '.join(sorted(parts - known))}")
+    try:
+        think = tuple(float(x) for x in args.think_s.split(","))
+        if len(think) != 2 or not 0 <= think[0] <= think[1]:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--think-s: expected MIN,MAX seconds with 0 <= MIN <= MAX, got {args.think_s!r}")
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     n = args.votes * 4
     rows, sat_p99 = [], []
@@ -450,6 +510,23 @@ def main(argv=None) -> int:
                         f"wall {http['wall']:.1f} s |")
             rows += [f"| | | | | Gradio client errors (first 3): {'; '.join(http['errors'][:3])} |"] \
                 if http["errors"] else []
+        if "browser" in parts:
+            br = bench_browser(args.browser_voters, args.browser_seconds, tmp, think)
+            print(f"browser: paced p50 {_pct(br['paced'], 50):.1f} ms p99 {_pct(br['paced'], 99):.1f} ms "
+                  f"({len(br['paced'])} votes); back to back p50 {_pct(br['b2b'], 50):.1f} ms p99 "
+                  f"{_pct(br['b2b'], 99):.1f} ms ({len(br['b2b'])}); lost {br['lost']} dupes {br['dupes']} "
+                  f"errors {len(br['errors'])}", flush=True)
+            rows += [f"| vote → next battle shown, browser path (gradio_client `/vote` + `/new_battle` with both "
+                     f"media downloaded; battles from the pool) | {args.browser_voters} voters for "
+                     f"{args.browser_seconds:g} s, looking {think[0]:g}–{think[1]:g} s at each battle | "
+                     f"{_pct(br['paced'], 50):.1f} ms | {_pct(br['paced'], 99):.1f} ms | {len(br['paced'])} votes; "
+                     f"{br['acked']} acked in all, {br['stored']} stored, **{br['lost']} lost**, {br['dupes']} "
+                     f"duplicated, {len(br['errors'])} client errors |",
+                     f"| … the same voters back to back (no think time) | {args.browser_voters} voters for "
+                     f"{min(10.0, args.browser_seconds / 3):g} s | {_pct(br['b2b'], 50):.1f} ms | "
+                     f"{_pct(br['b2b'], 99):.1f} ms | {len(br['b2b'])} votes |"]
+            rows += [f"| | | | | browser-path client errors (first 3): {'; '.join(br['errors'][:3])} |"] \
+                if br["errors"] else []
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     cmd = " ".join(["python benchmarks/arena_load.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
@@ -460,7 +537,8 @@ def main(argv=None) -> int:
         f"{load[0]:.1f} at the end. The arena server runs in its own process (open mode, limits raised); JSON-API "
         "voters are asyncio tasks of the benchmark process, Gradio voters its threads, each voter with its own "
         "session; each vote follows a battle request. Goals: "
-        "vote p99 < 50 ms, ratings < 5 s, 0 lost.",
+        "vote p99 < 50 ms, ratings < 5 s, 0 lost; browser path vote → next battle p99 < 300 ms paced, < 1 s back "
+        "to back.",
         "",
         "| measurement | setting | p50 | p99 | result |",
         "|---|---|---|---|---|",

@@ -62,6 +62,11 @@ def test_annotation_task_end_to_end(app):
     assert store.battle(first[4]).item_id in {r["item_id"] for r in store.items() if r["gold"]}  # gold first
     again = ann.predict(api_name="/next_task")
     assert again[4] == first[4]  # a reload resumes the open task instead of issuing another
+    from PIL import Image
+
+    for shown in first[2:4]:  # the 16×16 pair is sent enlarged, pixel for pixel, to a size a person can judge
+        with Image.open(shown) as im:
+            assert min(im.size) >= 256 and len(im.getcolors()) == 1
     with pytest.raises(AppError, match="please answer: fidelity"):
         ann.predict(first[4], {"overall": "A"}, False, "", api_name="/submit")
     done, progress = _answer_all(ann, store)

@@ -146,3 +146,30 @@ def test_twenty_clients_twenty_votes_each_store_exactly_400_rows(tmp_path):
     assert sorted(ids) == sorted(acked) == sorted(f"c{k}-v{i}" for k in range(20) for i in range(20))
     per_judge = store.read("SELECT judge, COUNT(*) AS n FROM votes GROUP BY judge")
     assert len(per_judge) == 20 and all(r["n"] == 20 for r in per_judge)
+
+
+def test_leaderboard_csv_pairs_and_admin_export(app):
+    import csv
+
+    from diffalign.data.preference import load_preferences
+
+    url, arena, cfg = app
+    ann = _client(url, "ann")
+    battle_id = ann.predict(api_name="/new_battle")[3]
+    ann.predict("left", battle_id, "", api_name="/vote")
+    table, pairs, heat, summary = ann.predict(api_name="/leaderboard")
+    votes = arena.store.count_votes()
+    assert f"{votes} rated votes" in summary
+    assert sum(r[2] for r in pairs["data"]) == votes  # every vote is counted in exactly one pair
+    assert all(r[7] == "not enough votes" or r[7].startswith("[") for r in pairs["data"])
+    path = ann.predict(api_name="/leaderboard_csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["model"] for r in rows} == {r[1].split(" ")[0] for r in table["data"]}
+    assert sum(int(r["votes"]) for r in rows) == 2 * votes
+    with pytest.raises(AppError, match="admins only"):
+        ann.predict(True, api_name="/export")
+    exported, message = _client(url, "root").predict(False, api_name="/export")
+    assert "Wrote" in message and exported.endswith(".parquet")
+    data = load_preferences(exported, ties="keep")
+    assert len(data) == votes

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from apps.agreement import agreement_report, cohen_kappa, fleiss_kappa
-from apps.auth import PasswordCheck, RateLimiter, hash_password, judge_of, verify_password
+from apps.auth import (VOTER_COOKIE, LoginGuard, LoginLocked, PasswordCheck, RateLimiter, SessionKeys, client_ip,
+                       hash_password, judge_of, verify_password)
 from apps.flagging import FlaggingConfig, flag_suspicious, suspicious_judges
+from apps.rest import RestAuth
 from apps.serve import ServerConfig
 from apps.store import VoteStore
 from apps.uploads import UploadRejected, check_media, read_upload, safe_child, sniff
@@ -34,17 +36,100 @@ def test_passwords_are_salted_hashes_checked_in_constant_time():
         ServerConfig(open_mode=False, users={})
 
 
-def test_identity_comes_from_the_server_never_from_client_headers():
+def test_identity_comes_from_the_server_never_from_client_headers(tmp_path):
+    keys = SessionKeys.beside(tmp_path / "v.sqlite")
+    cookie = f"{VOTER_COOKIE}={keys.new_token('voter')}"
     req = SimpleNamespace(username=None, session_hash="abc", client=SimpleNamespace(host="10.0.0.1"),
-                          headers={"x-forwarded-for": "1.2.3.4"})
-    anon = judge_of(req, open_mode=True)
+                          headers={"x-forwarded-for": "1.2.3.4", "cookie": cookie})
+    anon = judge_of(req, open_mode=True, keys=keys)
     assert anon.startswith("anon:") and "abc" not in anon
-    spoofed = SimpleNamespace(**{**vars(req), "headers": {"x-forwarded-for": "9.9.9.9"}})
-    assert judge_of(spoofed, open_mode=True) == anon  # forwarded headers ignored unless configured
-    assert judge_of(spoofed, open_mode=True, trust_proxy_headers=True) != anon
+    spoofed = SimpleNamespace(**{**vars(req), "headers": {"x-forwarded-for": "9.9.9.9", "cookie": cookie}})
+    assert judge_of(spoofed, open_mode=True, keys=keys) == anon  # forwarded headers ignored unless configured
+    assert judge_of(spoofed, open_mode=True, keys=keys, trust_proxy_headers=True) != anon
     with pytest.raises(PermissionError, match="sign in"):
-        judge_of(req, open_mode=False)
+        judge_of(req, open_mode=False, keys=keys)
     assert judge_of(SimpleNamespace(**{**vars(req), "username": "ann"}), open_mode=False) == "user:ann"
+
+
+def test_a_gradio_session_hash_is_never_an_identity(tmp_path):
+    """Gradio lets a client pick its session hash: neither a copied hash nor "rest-" + a token's unsigned half
+    may make the caller someone else."""
+    keys = SessionKeys.beside(tmp_path / "v.sqlite")
+    peer = SimpleNamespace(host="10.0.0.1")
+    victim_cookie = f"{VOTER_COOKIE}={keys.new_token('voter')}"
+    victim = SimpleNamespace(username=None, session_hash="victim-hash", client=peer, headers={"cookie": victim_cookie})
+    thief = SimpleNamespace(username=None, session_hash="victim-hash", client=peer,
+                            headers={"cookie": f"{VOTER_COOKIE}={keys.new_token('voter')}"})
+    assert judge_of(thief, open_mode=True, keys=keys) != judge_of(victim, open_mode=True, keys=keys)
+    for headers in ({}, {"cookie": f"{VOTER_COOKIE}=abc.def"}, {"cookie": victim_cookie + "0"}):
+        with pytest.raises(PermissionError, match="voter cookie"):
+            judge_of(SimpleNamespace(**{**vars(victim), "headers": headers}), open_mode=True, keys=keys)
+    # a REST token is not a voter cookie, and the REST judge of a token is not reachable through a session hash
+    rest = RestAuth(ServerConfig(open_mode=True), keys)
+    token = rest.new_session()
+    raw = token.split(".")[0]
+    rest_judge, _ = rest.identify({}, peer, rest.session_of(token))
+    with pytest.raises(PermissionError):
+        judge_of(SimpleNamespace(username=None, session_hash="rest-" + raw, client=peer,
+                                 headers={"cookie": f"{VOTER_COOKIE}={token}"}), open_mode=True, keys=keys)
+    hijack = SimpleNamespace(username=None, session_hash="rest-" + raw, client=peer, headers={"cookie": victim_cookie})
+    assert judge_of(hijack, open_mode=True, keys=keys) != rest_judge
+    with pytest.raises(PermissionError, match="session"):
+        rest.identify({}, peer, "rest-")
+
+
+def test_proxy_headers_take_the_address_our_proxy_appended():
+    req = SimpleNamespace(client=SimpleNamespace(host="10.0.0.9"),
+                          headers={"x-forwarded-for": "6.6.6.6, 1.2.3.4", "cf-connecting-ip": "7.7.7.7"})
+    assert client_ip(req) == "10.0.0.9"
+    assert client_ip(req, trust_proxy_headers=True) == "1.2.3.4"  # the client wrote 6.6.6.6 itself
+
+
+def test_signing_key_is_kept_beside_the_db_with_private_permissions(tmp_path):
+    import os
+    import stat
+
+    db = tmp_path / "sub" / "votes.sqlite"
+    keys = SessionKeys.load_or_create(str(db) + ".key")
+    token = keys.new_token("rest")
+    mode = stat.S_IMODE(os.stat(str(db) + ".key").st_mode)
+    assert mode == 0o600, oct(mode)
+    again = SessionKeys.load_or_create(str(db) + ".key")  # "after a restart": the same key, the token verifies
+    assert again.verify(token, "rest") == token.split(".")[0] and again.verify(token, "voter") is None
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["votes.sqlite.key"]  # no temp file left
+    os.chmod(str(db) + ".key", 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        SessionKeys.load_or_create(str(db) + ".key")
+    os.chmod(str(db) + ".key", 0o600)
+    (tmp_path / "sub" / "votes.sqlite.key").write_text("not hex")
+    with pytest.raises(ValueError, match="not a signing key"):
+        SessionKeys.load_or_create(str(db) + ".key")
+
+
+def test_failed_sign_ins_back_off_then_lock_per_account_and_address():
+    now = [0.0]
+    guard = LoginGuard(free_failures=3, lock_after=10, lockout_s=900.0, clock=lambda: now[0])
+    for _ in range(3):
+        guard.check("ann", "1.1.1.1")
+        guard.failed("ann", "1.1.1.1")
+    guard.check("ann", "1.1.1.1")  # three free failures
+    guard.failed("ann", "1.1.1.1")
+    with pytest.raises(LoginLocked, match="wait") as exc:
+        guard.check("ann", "2.2.2.2")  # the account is slowed down from any address
+    assert exc.value.retry_after >= 1
+    now[0] += 1.5
+    guard.check("ann", "2.2.2.2")
+    for _ in range(6):
+        now[0] += 61.0
+        guard.failed("ann", "1.1.1.1")
+    with pytest.raises(LoginLocked, match="locked"):
+        guard.check("ann", "3.3.3.3")  # ten failures: locked, whatever the password
+    with pytest.raises(LoginLocked, match="address 1.1.1.1"):
+        guard.check("bob", "1.1.1.1")  # and so is the guessing address, for every account
+    guard.check("bob", "4.4.4.4")
+    now[0] += 901.0
+    guard.check("ann", "1.1.1.1")  # temporary
+    guard.succeeded("ann", "1.1.1.1")
 
 
 def test_rate_limiter_is_a_sliding_window_per_key():
@@ -71,6 +156,37 @@ def test_uploads_are_checked_by_content_and_size(tmp_path):
     assert sniff(b"glTF\x02\0\0\0") == ("3d", ".glb")
     assert sniff(b"\0\0\0\x18ftypisom") == ("video", ".mp4")
     assert sniff(b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n") == ("3d", ".obj")
+
+
+def test_uploads_are_re_encoded_from_pixels_so_payloads_are_dropped():
+    png = _png_bytes((9, 8, 7))
+    payload = b"<html><script>alert(1)</script></html>PK\x03\x04zip-entry"
+    media = check_media(png + payload)
+    assert media.ext == ".png" and payload not in media.data and b"PK\x03\x04" not in media.data
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(media.data))), np.asarray(Image.open(io.BytesIO(png))))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG", quality=95)
+    jpeg = buf.getvalue() + payload
+    out = check_media(jpeg)
+    assert out.ext == ".png" and out.data.startswith(b"\x89PNG") and payload not in out.data
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+
+
+def test_pixel_count_is_checked_from_the_header_before_decoding(monkeypatch):
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000), 0).save(buf, format="PNG")  # 36 megapixels in a few tens of KB
+    bomb = buf.getvalue()
+    assert len(bomb) < 200_000
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    with pytest.raises(UploadRejected, match="6000×6000 = 36.0 megapixels, over the 10-megapixel limit"):
+        check_media(bomb, max_pixels=10_000_000)
 
 
 def test_no_path_traversal(tmp_path):

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from apps.store import MIGRATIONS, SCHEMA_VERSION, StoreError, VoteRejected, VoteStore
+from apps.store import MIGRATIONS, SCHEMA_VERSION, RateLimited, StoreError, VoteConflict, VoteRejected, VoteStore
 from test_apps_support import db_snapshot
 
 
@@ -94,6 +94,41 @@ def test_rate_limit_is_enforced_inside_the_transaction(tmp_path):
     with pytest.raises(VoteRejected, match="too many votes"):
         store.record_vote(b.battle_id, "user:ann", "left", session_hash="s1", rate_limit=(3, 60))
     assert store.count_votes("user:ann") == 3
+
+
+def test_same_vote_id_with_another_choice_is_a_conflict_not_a_replay(tmp_path):
+    store = VoteStore(tmp_path / "v.sqlite")
+    b = _battle(store)
+    store.record_vote(b.battle_id, "user:ann", "left", session_hash="s1", vote_id="k1")
+    before = db_snapshot(store.path)
+    with pytest.raises(VoteConflict, match="already stored with the choice 'left'"):
+        store.record_vote(b.battle_id, "user:ann", "right", session_hash="s1", vote_id="k1")
+    assert db_snapshot(store.path) == before
+    assert store.record_vote(b.battle_id, "user:ann", "left", session_hash="s1", vote_id="k1").replayed
+
+
+def test_per_address_limit_counts_every_judge_from_that_address(tmp_path):
+    """In open mode every fresh session is a fresh judge: only the address limit stops one machine."""
+    store = VoteStore(tmp_path / "v.sqlite")
+    for k in range(3):
+        judge = f"anon:fresh{k}"
+        store.record_vote(_battle(store, judge=judge).battle_id, judge, "left", session_hash="s1", ip="10.0.0.7",
+                          rate_limit=(3, 60), ip_rate_limit=(3, 60))
+    b = _battle(store, judge="anon:fresh9")
+    before = db_snapshot(store.path)
+    with pytest.raises(RateLimited, match="from your address"):
+        store.record_vote(b.battle_id, "anon:fresh9", "left", session_hash="s1", ip="10.0.0.7",
+                          rate_limit=(3, 60), ip_rate_limit=(3, 60))
+    assert db_snapshot(store.path) == before
+    restarted = VoteStore(tmp_path / "v.sqlite")  # the address's recent votes are read back from the database
+    with pytest.raises(RateLimited, match="from your address"):
+        restarted.record_vote(b.battle_id, "anon:fresh9", "left", session_hash="s1", ip="10.0.0.7",
+                              rate_limit=(3, 60), ip_rate_limit=(3, 60))
+    store.record_vote(b.battle_id, "anon:fresh9", "left", session_hash="s1", ip="10.0.0.8",
+                      rate_limit=(3, 60), ip_rate_limit=(3, 60))
+    plan = store.read("EXPLAIN QUERY PLAN SELECT created_at FROM votes WHERE ip = ? AND created_at > ? "
+                      "ORDER BY created_at", ("x", 0))
+    assert "votes_ip_time" in " ".join(str(tuple(r)) for r in plan)
 
 
 def test_media_are_stored_once_by_content_hash(tmp_path):

@@ -127,3 +127,21 @@ def test_win_rate_matrix_counts_decisive_battles_both_ways():
     assert count[i, j] == count[j, i] == 3
     assert rate[i, j] == pytest.approx(2 / 3) and rate[j, i] == pytest.approx(1 / 3)
     assert np.isnan(rate[i, i])
+
+
+def test_pair_table_counts_both_orientations_and_never_gives_a_zero_width_interval():
+    from apps.ratings import pair_table, wilson_interval
+
+    rows = [("x", "y", "model_a")] * 3 + [("y", "x", "model_a"), ("y", "x", "tie"), ("x", "z", "tie (bothbad)")]
+    table = pair_table(rows)
+    assert [(r.model_a, r.model_b, r.votes) for r in table] == [("x", "y", 5), ("x", "z", 1)]
+    xy = table[0]
+    assert (xy.wins_a, xy.wins_b, xy.ties) == (3, 1, 1) and xy.score_a == pytest.approx(3.5 / 5)
+    assert xy.lower < xy.score_a < xy.upper
+    lo, hi = wilson_interval(3, 3)  # three wins of three: a bootstrap says [1, 1]
+    assert lo == pytest.approx(0.4385, abs=1e-4) and hi == 1.0
+    # the interval matches a direct evaluation of Wilson's formula
+    p, n, z = 0.7, 50, 1.959963984540054
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n
+                                                                                          + z * z / (4 * n * n))
+    assert wilson_interval(35, 50) == pytest.approx((centre - half, centre + half))

@@ -94,8 +94,21 @@ def _label(value: Any, what: str) -> float:
     return float(value)
 
 
-def _score(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _score(value: Any, what: str) -> float | None:
+    """An optional score: None, or a finite number (a numeric string is read as one). Anything else — text, NaN,
+    infinity, a boolean — makes the row bad, with the column named: a NaN score would poison every loss that uses
+    it, and one bad cell must not abort the whole load."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what}={value!r} is not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{what}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}={value!r} is not a finite number")
+    return number
 
 
 def _load_json(path: Path) -> Any:
@@ -155,11 +168,15 @@ def _pickapic_row(r: dict, row_id: str, sink: _Sink) -> None:
     try:
         prompt = _prompt(r, "caption")
         l0 = _label(r["label_0"], "label_0")
-        if "label_1" in r and (r["label_1"] is None or float(r["label_1"]) != 1.0 - l0):
+        if "label_1" in r and _score(r["label_1"], "label_1") != 1.0 - l0:
             raise ValueError(f"label_1={r['label_1']!r} does not complement label_0={l0}")
-        meta = json.loads(r["meta"]) if r.get("meta") else {}
+        try:
+            meta = json.loads(r["meta"]) if r.get("meta") else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"meta: not valid JSON ({exc.msg})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
+        scores = {k: _score(r.get("score_" + k), "score_" + k) for k in ("0", "1")}
     except (ValueError, TypeError) as exc:
         sink.bad(row_id, str(exc))
         return
@@ -175,8 +192,8 @@ def _pickapic_row(r: dict, row_id: str, sink: _Sink) -> None:
     if r.get("ranking_id") is not None:
         meta.setdefault("ranking_id", r["ranking_id"])
     sink.add(PreferencePair(prompt=prompt, chosen=bytes(r["jpg_" + c]), rejected=bytes(r["jpg_" + w]),
-                            label=max(l0, 1.0 - l0), chosen_score=_score(r.get("score_" + c)),
-                            rejected_score=_score(r.get("score_" + w)), id=r.get("pair_id") or row_id, meta=meta))
+                            label=max(l0, 1.0 - l0), chosen_score=scores[c], rejected_score=scores[w],
+                            id=r.get("pair_id") or row_id, meta=meta))
 
 
 # --- HPDv2 json -----------------------------------------------------------------------------------------------
@@ -229,6 +246,8 @@ def _hpdv2_pairs(row: Any, root: Path, row_id: str) -> list[PreferencePair]:
         if not isinstance(rank, list) or len(rank) != len(paths) or \
                 any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in rank):
             raise ValueError(f"rank must list one number per image ({len(paths)}), got {rank!r}")
+        for i, v in enumerate(rank):
+            _score(v, f"rank[{i}]")  # NaN compares false with everything: it would order the pairs at random
         pairs = []
         for i in range(len(paths)):
             for j in range(i + 1, len(paths)):
@@ -299,7 +318,7 @@ def _pair_row(row: dict, root: Path, row_id: str) -> PreferencePair:
     prompt = _prompt(row, "prompt")
     label = _label(row.get("label", 1.0), "label")
     a, b = _resolve(row.get("chosen"), root, "chosen"), _resolve(row.get("rejected"), root, "rejected")
-    sa, sb = _score(row.get("chosen_score")), _score(row.get("rejected_score"))
+    sa, sb = _score(row.get("chosen_score"), "chosen_score"), _score(row.get("rejected_score"), "rejected_score")
     if label == 0.0:  # the row says the "rejected" image won: swap so chosen is the winner
         a, b, sa, sb, label = b, a, sb, sa, 1.0
     return PreferencePair(prompt=prompt, chosen=a, rejected=b, label=label, chosen_score=sa, rejected_score=sb,
@@ -316,6 +335,11 @@ def _ranked_row(row: dict, root: Path, row_id: str) -> RankedList:
     for name, value in (("scores", scores), ("ranks", ranks)):
         if value is not None and (not isinstance(value, list) or len(value) != len(items)):
             raise ValueError(f"{name} must list one number per image ({len(items)}), got {value!r}")
+        if value is not None:  # numbers kept as written (ints stay ints); numeric text read as a number
+            for i, v in enumerate(value):
+                _score(v, f"{name}[{i}]")
+            value = [float(v) if isinstance(v, str) else v for v in value]
+            scores, ranks = (value, ranks) if name == "scores" else (scores, value)
     # Stored best first; a file written by hand in another order is sorted by its scores (else its ranks).
     if scores is not None or ranks is not None:
         key = (lambda i: (-scores[i],)) if scores is not None else (lambda i: (ranks[i],))

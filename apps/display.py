@@ -1,0 +1,82 @@
+"""What the browser is sent to show a stored medium: images enlarged to a size a person can judge.
+
+A toy contender's 16×16 sample would otherwise sit at 16 pixels in the middle of a 600-pixel panel, and a
+browser asked to scale it up blurs it. So an image smaller than ``min_px`` is enlarged on the server by a whole
+factor with nearest-neighbour (every source pixel becomes a sharp square; nothing is interpolated) and the page
+also draws it with ``image-rendering: pixelated``. The enlarged copy is a *display* file only: the vote store keeps
+the original, and exports, reward scoring and the battle record all refer to the original's hash.
+Video, audio and 3D files are served as they are (their players and viewer size themselves).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from PIL import Image
+
+from apps.store import VoteStore
+
+#: the smallest side an image is shown at, in CSS pixels
+MIN_DISPLAY_PX = 256
+#: larger images are left alone: they are already readable, and enlarging costs memory for nothing
+_DISPLAY_DIR = "display"
+
+
+class DisplayMedia:
+    """``path(sha)`` -> a file under the store's media folder (so Gradio may serve it) to show for that medium."""
+
+    def __init__(self, store: VoteStore, min_px: int = MIN_DISPLAY_PX):
+        if min_px < 1:
+            raise ValueError(f"min_px must be ≥ 1, got {min_px}")
+        self.store, self.min_px = store, int(min_px)
+        self._cache: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def path(self, sha: str) -> str:
+        with self._lock:
+            hit = self._cache.get(sha)
+        if hit is not None:
+            return hit
+        original = self.store.media_path(sha)
+        shown = original
+        if self.store.media_kind(sha) == "image":
+            shown = self._enlarged(sha, original)
+        with self._lock:
+            self._cache[sha] = str(shown)
+        return str(shown)
+
+    def _enlarged(self, sha: str, original: Path) -> Path:
+        target = self.store.media_dir / _DISPLAY_DIR / f"{sha}-{self.min_px}.png"
+        if target.is_file():
+            return target
+        with Image.open(original) as img:
+            img.load()
+            factor = math.ceil(self.min_px / max(1, min(img.width, img.height)))
+            if factor <= 1:
+                return original
+            big = img.convert("RGBA" if "A" in img.getbands() else "RGB").resize(
+                (img.width * factor, img.height * factor), Image.NEAREST)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                big.save(fh, format="PNG")
+            os.replace(tmp, target)  # atomic: a concurrent reader sees the old state or the whole file
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return target
+
+
+#: the page style both apps use: media panels at a readable size, small images never smoothed
+MEDIA_CSS = """
+.diffalign-media img { image-rendering: pixelated; min-width: 256px;
+                       min-height: 256px; object-fit: contain; }
+.diffalign-media video, .diffalign-media canvas { min-height: 256px; }
+.diffalign-prompt { font-size: 1.25em; }
+"""
