@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +18,9 @@ from rewards import RewardModel, RewardOutput, RewardOutputError, RewardPluginEr
 from rewards.reward_spec import RewardTerm, normalize_reward_spec
 from tiny_models import tiny_toy_folder
 
-# The README's custom-reward example, verbatim: a file the user writes outside the project.
-README_REWARD = textwrap.dedent('''
-    import torch
-    from rewards import RewardModel, register_reward
-
-
-    @register_reward("brightness")
-    class Brightness(RewardModel):
-        """Prefers brighter images: the mean pixel value, in [0, 1]."""
-
-        name = "brightness"
-
-        def _score(self, images, prompts):
-            return torch.stack([image.mean() for image in images])  # scores [B]; a RewardOutput works too
-''')
+# The README's custom-reward example, read from the README: a file the user writes outside the project.
+README_REWARD = re.search(r"```python\n# my_rewards.py\n(.*?)```", (Path(__file__).resolve().parents[1] /
+                                                                    "README.md").read_text(), re.S).group(1)
 
 
 def _module(tmp_path, monkeypatch, name: str, source: str):
