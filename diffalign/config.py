@@ -1,7 +1,8 @@
 """Typed configs: dataclasses loaded from YAML, strictly.
 
 A recipe is the record of an experiment, so a typo must never be silently ignored: an unknown key, a missing
-required key or a value of the wrong type is a ``ConfigError`` naming its dotted path (with a did-you-mean hint).
+required key (absent, or written ``???`` by a recipe that leaves it to the user) or a value of the wrong type is a
+``ConfigError`` naming its dotted path (with a did-you-mean hint).
 Scalars are coerced explicitly (YAML reads ``1e-4`` as a string), and ``--set a.b=value`` overrides go through
 the same checks. A field whose type is a ``Variant`` base class is polymorphic: its ``name`` key picks the
 registered subclass (e.g. ``method: {name: dpo, beta: 5000}``).
@@ -20,6 +21,8 @@ import yaml
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+#: a value a shipped recipe leaves for the user (a model folder, a dataset file): loading it is an error naming the key
+REQUIRED = "???"
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         key = _join(path, name)
+        if name in data and data[name] == REQUIRED:
+            raise ConfigError(f"missing required key {key!r}: the recipe leaves it {REQUIRED} for you to fill in "
+                              f"(edit the file or pass --set {key}=…)")
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], key)
         elif f.default is _MISSING and f.default_factory is _MISSING:

@@ -24,6 +24,8 @@ class ModelConfig:
     #: module names to adapt; empty = the family default (attention projections)
     lora_targets: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
+    #: weight dtype of the frozen parts (text encoders, VAE, the denoiser's base weights); LoRA weights stay fp32
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: auto = every attention module through diffalign.attention (measured kernel choice on CUDA, fused QKV where
     #: no LoRA wraps the projections); off = diffusers' own processors; or a backend name to force (sdpa, cudnn, …)
     attention: str = "auto"
@@ -70,6 +72,27 @@ class DataConfig:
     caption_dropout: float = 0.0
     #: prompts only (a toy prompt set name or a text file), for online methods that sample their own data (PRDP)
     prompts: str | None = None
+    #: train at this square size: shorter side resized to it, then cropped (Diffusion-DPO's transforms); null keeps
+    #: the file's size, and then every image of the file must share one size
+    resolution: int | None = None
+    crop: Literal["center", "random"] = "center"
+    #: flip both images of a pair together with probability 0.5
+    hflip: bool = False
+    #: false: the file's images must already be resolution² (a mismatch is an error naming the file and row)
+    resize: bool = True
+    #: Pick-a-Pic parquet read on demand (row groups, an index in memory) instead of held in memory: for files
+    #: larger than RAM; images are then checked when their row is read
+    lazy: bool = False
+    #: encode each preference image once with the VAE and keep the latents beside the pairs (needs ``resolution``
+    #: and neither random crop nor flip, which would change the latents every epoch)
+    cache_latents: bool = False
+
+    def __post_init__(self):
+        if self.resolution is not None and (isinstance(self.resolution, bool) or self.resolution < 1):
+            raise ValueError(f"data.resolution must be a whole number ≥ 1 or null, got {self.resolution!r}")
+        if self.cache_latents and (self.crop == "random" or self.hflip):
+            raise ValueError("data.cache_latents: cached latents are fixed, so use crop: center and hflip: false "
+                             "with it")
 
 
 @dataclass
@@ -224,9 +247,53 @@ class SelfNPOConfig(MethodConfig):
     huber_c: float = 0.001
 
 
+@dataclass
+class OnlineMonitorConfig:
+    """The reward-hacking monitor of online methods (trainers/online_monitor.py): every ``every`` loss calls it
+    samples a fixed validation set (``prompts`` × ``seeds``, fixed noise, ODE sampler) with the policy, scores it
+    with the training reward and each ``heldout`` reward, measures the drift from the reference's samples of the
+    same noise, logs all to TensorBoard (<output_dir>/logs/monitor) and monitor.jsonl, and acts (``action``) when
+    the training reward has risen since the first evaluation while a held-out reward fell by more than
+    ``max_heldout_drop`` or the drift passed ``max_drift``, ``patience`` evaluations in a row."""
+
+    every: int = 20
+    prompts: str = "toy-heldout"
+    seeds: int = 2
+    steps: int = 10
+    guidance: float = 3.0
+    #: held-out rewards: each a reward name, "module:Class" or a weighted list [{name, weight}]
+    heldout: list[Any] = field(default_factory=list)
+    #: bound on the fall of any held-out reward below its first evaluation (its own units); null = not checked
+    max_heldout_drop: float | None = 0.05
+    #: bound on the drift: mean squared difference of policy and reference samples in [0, 1]; null = not checked
+    max_drift: float | None = None
+    #: the training reward must have risen by more than this since the first evaluation to call it hacking
+    min_train_gain: float = 0.0
+    action: Literal["warn", "stop"] = "stop"
+    patience: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"monitor.every must be a whole number ≥ 1, got {self.every!r}")
+        if self.seeds < 1 or self.steps < 1 or self.patience < 1:
+            raise ValueError("monitor.seeds, monitor.steps and monitor.patience must be ≥ 1")
+        for key in ("max_heldout_drop", "max_drift"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise ValueError(f"monitor.{key} must be ≥ 0 or null, got {value!r}")
+        self.heldout = [normalize_reward_spec(h, key=f"monitor.heldout[{i}]") for i, h in enumerate(self.heldout)]
+
+
+@dataclass
+class OnlineMonitoring:
+    """Online methods' optional ``monitor`` section (null: no monitoring)."""
+
+    monitor: OnlineMonitorConfig | None = None
+
+
 @MethodConfig.register("prdp")
 @dataclass
-class PRDPConfig(RewardSource, MethodConfig):
+class PRDPConfig(RewardSource, OnlineMonitoring, MethodConfig):
     #: KL weight: the regression target is (r_a − r_b)/β. Log-probs are per-dimension means (the sampler's
     #: DDPO/flow_grpo convention), so β is on that scale, not the paper's summed one
     beta: float = 1.0
@@ -242,6 +309,64 @@ class PRDPConfig(RewardSource, MethodConfig):
     guidance: float = 3.0
     #: fraction of the stochastic steps whose log-ratios get a gradient per update (the sum is rescaled)
     timestep_fraction: float = 1.0
+
+
+@MethodConfig.register("flow_grpo")
+@dataclass
+class FlowGRPOConfig(RewardSource, OnlineMonitoring, MethodConfig):
+    """Flow-GRPO (Liu et al. 2025) / DanceGRPO (Xue et al. 2025) on the flow family's SDE sampler."""
+
+    #: G: samples per prompt, the group the advantages are normalised in
+    samples_per_prompt: int = 4
+    #: Euler/SDE steps of a training rollout (Flow-GRPO's "denoising reduction": 10 for training)
+    sample_steps: int = 10
+    #: noise level η of the SDE and its schedule: "flow_grpo" s = η·√(σ/(1 − σ)) (η 0.7 in its code) or
+    #: "dance_grpo" s = η (constant)
+    eta: float = 0.7
+    sde_schedule: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    guidance: float = 3.0
+    #: PPO clip ε on the per-step ratio (Flow-GRPO's image configs: 1e-4)
+    clip_range: float = 1.0e-4
+    #: advantage guard (std + eps) and bound |A| ≤ adv_clip (Flow-GRPO: 5)
+    adv_eps: float = 1.0e-4
+    adv_clip: float = 5.0
+    #: weight of the closed-form KL to the reference (adapter-off) step Gaussians; 0 = off (Flow-GRPO: 0.04)
+    kl_beta: float = 0.0
+    #: loss calls on each sampled round before the next is drawn
+    inner_steps: int = 1
+    #: fraction of the SDE steps trained per loss call (Flow-GRPO's timestep_fraction)
+    timestep_fraction: float = 1.0
+    #: mixed ODE/SDE sampling (MixGRPO / TempFlow-GRPO): indices of the steps that are SDE (empty: all of them);
+    #: the others are ODE and not trained
+    sde_steps: list[int] = field(default_factory=list)
+    #: > 0: each round draws this many SDE steps at random among ``sde_steps`` (or all steps)
+    sde_random: int = 0
+
+
+@MethodConfig.register("diffusion_nft")
+@dataclass
+class DiffusionNFTConfig(RewardSource, OnlineMonitoring, MethodConfig):
+    """DiffusionNFT (Zheng et al. 2025): forward-process training on the sampler's clean samples."""
+
+    samples_per_prompt: int = 4
+    #: the rollout sampler: any solver of the seam (η = 0: the ODE, the paper's choice) and its CFG scale
+    sample_steps: int = 10
+    eta: float = 0.0
+    guidance: float = 1.0
+    #: β of the implicit policies v± (the paper's guidance strength)
+    beta: float = 1.0
+    #: advantage clip c of the optimality map r = ½ + ½·clip(A, −c, c)/c
+    adv_clip: float = 1.0
+    #: the σ range training timesteps are drawn from (uniformly) and how many per sample per loss call
+    t_min: float = 0.0
+    t_max: float = 1.0
+    timesteps_per_sample: int = 1
+    #: loss calls on each sampled round before the next is drawn
+    inner_steps: int = 1
+    #: the old (sampling) policy: θ_old ← d·θ_old + (1 − d)·θ at each round, d = min(ema_max, ema_rate·round)
+    #: (0 = sample with the current weights)
+    ema_rate: float = 0.001
+    ema_max: float = 0.5
 
 
 @dataclass
@@ -268,6 +393,9 @@ class FlowRWRConfig(FlowTimesteps, MethodConfig):
     #: w ∝ exp(r/τ), normalised over the batch; τ = 1 is the paper's exp(r)
     temperature: float = 1.0
 
+
+#: methods whose pairs may come from ``data.cache_latents`` (they take x0 from the batch when it holds latents)
+LATENT_CACHE_METHODS = ("dpo", "flow_dpo")
 
 #: most points a recipe's grid may have: selection on a small validation split over many points would overfit it
 MAX_GRID_POINTS = 6
@@ -299,6 +427,12 @@ class Recipe:
             n *= len(values)
         if n > MAX_GRID_POINTS:
             raise ValueError(f"grid: {n} points; the efficacy protocol allows at most {MAX_GRID_POINTS} per recipe")
+        if self.model.dtype != "fp32" and self.model.lora_rank == 0 and self.train.mixed_precision == "no":
+            raise ValueError(f"model.dtype: {self.model.dtype} frozen parts feed a full fine-tune's fp32 denoiser; "
+                             "set train.mixed_precision (bf16 or fp16) so autocast joins them")
+        if self.data.cache_latents and self.method.name not in LATENT_CACHE_METHODS:
+            raise ValueError(f"data.cache_latents: method {self.method.name!r} encodes its own images; the cache "
+                             f"serves {', '.join(LATENT_CACHE_METHODS)}")
         given = [k for k in ("path", "synth", "prompts") if getattr(self.data, k) is not None]
         if not given:
             raise ValueError("data: give either 'path' (a preference dataset), 'synth' (AI-feedback sampling) or "
@@ -325,5 +459,8 @@ class Recipe:
             named.append(("eval.reward", self.eval.reward, self.eval.reward_checkpoint))
         if isinstance(self.method, RewardSource):
             named.append(("method.reward", self.method.reward, self.method.reward_checkpoint))
+        monitor = getattr(self.method, "monitor", None)
+        if monitor is not None:
+            named += [(f"method.monitor.heldout[{i}]", h, None) for i, h in enumerate(monitor.heldout)]
         for key, spec, checkpoint in named:
             check_reward_spec(spec, checkpoint, key=key)

@@ -31,7 +31,9 @@ def noisy_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generato
                       timestep_sampling: str = "default", shared_noise: bool = True):
     """x0 of [winners; losers], shared ε (unless ``shared_noise`` is false) and t per pair, the repeated
     conditioning, x_t and the target."""
-    x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
+    pair = torch.cat([batch["chosen"], batch["rejected"]])
+    # ``latents``: the batch already holds x0 (data.cache_latents encoded each image once)
+    x0 = pair.to(gen.device, gen.dtype) if batch.get("latents") else gen.encode_media(pair)
     b = batch["chosen"].shape[0]
     noise = torch.randn((b, *x0.shape[1:]), generator=rng).to(x0.device, x0.dtype)
     t = training_timesteps(gen, b, rng, timestep_sampling)

@@ -120,6 +120,9 @@ class Trainer:
         self.seed = seed
         self.collate = collate or _default_collate
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        from trainers.launch import check_launched_processes
+
+        check_launched_processes(cpu)  # before accelerate picks cuda:LOCAL_RANK and fails on a missing device
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -243,8 +246,11 @@ class Trainer:
         per_rank = cfg.train_batch_size
         global_batch = per_rank * acc.num_processes
         start = (step * cfg.gradient_accumulation_steps + micro) * global_batch + acc.process_index * per_rank
-        rows = batch_indices(len(self.dataset), self.seed, start, per_rank)
-        return self.collate([self.dataset[i] for i in rows])
+        n = len(self.dataset)
+        rows = batch_indices(n, self.seed, start, per_rank)
+        at = getattr(self.dataset, "at", None)  # datasets with per-epoch augmentation (random crop/flip)
+        items = [at(i, (start + k) // n) for k, i in enumerate(rows)] if at else [self.dataset[i] for i in rows]
+        return self.collate(items)
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.accelerator.device)

@@ -213,3 +213,78 @@ def rwr_loss(model_err: torch.Tensor, rewards: torch.Tensor, temperature: float 
     dtype = torch.promote_types(model_err.dtype, torch.float32)
     w = torch.softmax(rewards.to(dtype).detach() / temperature, dim=0) * rewards.shape[0]
     return w * model_err.to(dtype)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                     clip: float | None = None) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025, Eq. 4): rows are G = ``group_size``
+    consecutive samples of one prompt, A_i = (r_i − mean_G r) / (std_G r + eps) with the population std (ddof 0, as
+    Flow-GRPO's code). A constant-reward group gives exactly 0 (no NaN); ``clip`` bounds |A| (Flow-GRPO: 5).
+    Returns [N] in float32 or wider."""
+    if group_size < 2:
+        raise ValueError(f"group_advantages: group_size must be >= 2, got {group_size}")
+    if rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_advantages: {tuple(rewards.shape)} rewards do not split into groups of {group_size}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).detach().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, unbiased=False, keepdim=True)
+    adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # also with eps = 0
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv.reshape(-1)
+
+
+def flow_grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+                   kl: torch.Tensor | None = None, kl_beta: float = 0.0) -> torch.Tensor:
+    """Flow-GRPO's clipped objective (Liu et al. 2025, arXiv 2505.05470, Eq. 5 — PPO's surrogate per denoising step):
+    with ρ = exp(log p_θ − log p_old) per trained step,
+
+        L_i = mean_steps max(−A_i·ρ, −A_i·clip(ρ, 1 − ε, 1 + ε)) + β_KL · mean_steps KL_i
+
+    ``logp`` [N, S] (graph to θ) and ``logp_old`` [N, S] are the per-dimension-mean log-densities of the stored
+    transitions, ``advantages`` [N], ``kl`` [N, S] an optional per-step KL to the reference. Returns [N]."""
+    if clip_range <= 0:
+        raise ValueError(f"flow_grpo_loss: clip_range must be > 0, got {clip_range}")
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    ratio = torch.exp(logp.to(dtype) - logp_old.to(dtype).detach())
+    adv = advantages.to(dtype).detach().unsqueeze(1)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean(dim=1)
+    if kl is not None and kl_beta:
+        loss = loss + kl_beta * kl.to(dtype).mean(dim=1)
+    return loss
+
+
+def nft_optimality(rewards: torch.Tensor, group_size: int, clip: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """DiffusionNFT's optimality probability r ∈ [0, 1] (Zheng et al. 2025, arXiv 2509.16117, §3): the group-relative
+    advantage A (``group_advantages``) clipped to [−c, c] and mapped linearly, r = ½ + ½·clip(A, −c, c)/c. Better than
+    the group mean -> r > ½ (pulled towards), worse -> r < ½ (pushed away), a constant group -> r = ½ (no signal)."""
+    if clip <= 0:
+        raise ValueError(f"nft_optimality: clip must be > 0, got {clip}")
+    adv = group_advantages(rewards, group_size, eps=eps, clip=clip)
+    return 0.5 + 0.5 * adv / clip
+
+
+def diffusion_nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor,
+                       beta: float = 1.0) -> torch.Tensor:
+    """DiffusionNFT's negative-aware flow-matching loss (Zheng et al. 2025, arXiv 2509.16117, Eq. 8) on the forward
+    process: with the implicit positive and negative policies
+
+        v⁺ = (1 − β)·v_old + β·v_θ,    v⁻ = (1 + β)·v_old − β·v_θ,
+
+        L_i = r_i·‖v⁺ − v‖² + (1 − r_i)·‖v⁻ − v‖²   (per-sample means over every non-batch dimension)
+
+    where v is the family's regression target (ε − x0 for flows) at x_t of the sample's own clean x0. ``v_old`` is
+    the sampling policy's prediction (no grad). At θ = old both branches equal v_old and the gradient is
+    2β(2r − 1)·(v_old − v)·∂v_θ: r > ½ regresses towards v, r < ½ away from it. Returns [B]."""
+    if beta <= 0:
+        raise ValueError(f"diffusion_nft_loss: beta must be > 0, got {beta}")
+    dtype = torch.promote_types(v_theta.dtype, torch.float32)
+    v, old, tgt = v_theta.to(dtype), v_old.to(dtype).detach(), target.to(dtype).detach()
+    positive = (1 - beta) * old + beta * v
+    negative = (1 + beta) * old - beta * v
+    err_pos = (positive - tgt).pow(2).flatten(1).mean(dim=1)
+    err_neg = (negative - tgt).pow(2).flatten(1).mean(dim=1)
+    w = r.to(dtype).detach()
+    return w * err_pos + (1 - w) * err_neg

@@ -56,6 +56,18 @@ def _flow_rwr(cfg, data: DataConfig) -> Objective:
     return FlowRWR(cfg)
 
 
+def _flow_grpo(cfg, data: DataConfig) -> Objective:
+    from trainers.flow_grpo import FlowGRPO
+
+    return FlowGRPO(cfg)
+
+
+def _diffusion_nft(cfg, data: DataConfig) -> Objective:
+    from trainers.diffusion_nft import DiffusionNFT
+
+    return DiffusionNFT(cfg)
+
+
 OBJECTIVES: dict[str, Callable[[MethodConfig, DataConfig], Objective]] = {
     "dpo": _dpo,
     "smpo": _smpo,
@@ -65,6 +77,8 @@ OBJECTIVES: dict[str, Callable[[MethodConfig, DataConfig], Objective]] = {
     "prdp": _prdp,
     "flow_dpo": _flow_dpo,
     "flow_rwr": _flow_rwr,
+    "flow_grpo": _flow_grpo,
+    "diffusion_nft": _diffusion_nft,
 }
 
 

@@ -72,7 +72,7 @@ class SamplerSchedule:
 class PRDP:
     collate = staticmethod(collate_prompts)
 
-    def __init__(self, cfg: PRDPConfig, reward=None):
+    def __init__(self, cfg: PRDPConfig, reward=None, monitor=None):
         if cfg.eta <= 0:
             raise ValueError("prdp needs a stochastic sampler: eta must be > 0 (trajectory log-densities)")
         if cfg.samples_per_prompt < 2:
@@ -83,6 +83,8 @@ class PRDP:
             raise ValueError("prdp: inner_steps >= 1, beta > 0 and clip > 0 are required")
         self.cfg = cfg
         self._reward = reward
+        #: the reward-hacking monitor (trainers/online_monitor.py), from ``cfg.monitor`` once the run folder is known
+        self.monitor = monitor
         self.round: dict[str, Any] | None = None
         self.uses = 0
         #: the online budget, reported beside offline methods' fixed data: trajectories sampled, images scored
@@ -102,6 +104,10 @@ class PRDP:
 
         if recipe.data.prompts is None:
             raise ValueError("prdp is online: give data.prompts (a toy prompt set name or a text file of prompts)")
+        if self.monitor is None:
+            from trainers.online_monitor import OnlineMonitor
+
+            self.monitor = OnlineMonitor.from_recipe(self.cfg.monitor, self.reward, out_dir, recipe.seed)
         return read_prompts(recipe.data.prompts)
 
     # --- a sampling round -------------------------------------------------------------------------------------
@@ -146,6 +152,8 @@ class PRDP:
     # --- the objective ------------------------------------------------------------------------------------------
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         cfg = self.cfg
+        if self.monitor is not None:
+            self.monitor.step(gen, reference)
         if self.round is None or self.uses >= cfg.inner_steps:
             self.sample_round(gen, list(batch["prompt"]), rng, reference)
         self.uses += 1

@@ -51,6 +51,10 @@ def prepare_data(recipe: Recipe, gen: Generator, out_dir: Path):
     from diffalign.data.preference import load_preferences
 
     data = recipe.data
+    if data.path is not None and data.lazy:
+        from diffalign.data.lazy_parquet import LazyPickapicDataset
+
+        return LazyPickapicDataset(data.path, ties=data.ties, max_bad_fraction=data.max_bad_fraction)
     if data.path is not None:
         return load_preferences(data.path, ties=data.ties, max_bad_fraction=data.max_bad_fraction)
     cached = out_dir / "data" / PAIRS_FILE
@@ -92,11 +96,24 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     set_seed(recipe.seed)
     timings: dict[str, float] = {}
     t0 = time.time()
-    gen = load_generator(recipe.model.path)
+    gen = load_generator(recipe.model.path, dtype=recipe.model.dtype)
+    if recipe.model.lora_rank == 0:
+        gen.denoiser.float()  # a full fine-tune trains the denoiser's own weights: they stay fp32
     objective = build_objective(recipe.method, recipe.data)
     # methods that read something other than pairs (ranked lists, captioned samples, prompts) bring their own data
     custom_data = getattr(objective, "prepare_data", None)
     dataset = custom_data(recipe, gen, out) if custom_data is not None else prepare_data(recipe, gen, out)
+    if recipe.data.resolution is not None:
+        from diffalign.data.transforms import configure_geometry
+
+        d = recipe.data
+        configure_geometry(dataset, d.resolution, crop=d.crop, hflip=d.hflip, resize=d.resize, seed=recipe.seed,
+                           source=str(d.path or out / "data"))
+    collate = getattr(objective, "collate", None)
+    if recipe.data.cache_latents:
+        from diffalign.data.latent_cache import cached_latents, collate_latent_pairs
+
+        dataset, collate = cached_latents(dataset, gen, out / "data", recipe.data.resolution), collate_latent_pairs
     timings["data_s"] = time.time() - t0
 
     torch.manual_seed(recipe.seed)
@@ -111,7 +128,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     attention = apply_attention(gen, recipe.model.attention, "model.attention")  # after LoRA: adapters stay in
     t1 = time.time()
     trainer = Trainer(gen, objective, dataset, recipe.train, out, seed=recipe.seed, full_finetune=full,
-                      run_config=to_dict(recipe), collate=getattr(objective, "collate", None))
+                      run_config=to_dict(recipe), collate=collate)
     result = trainer.train()
     timings["train_s"] = time.time() - t1
     if trainer.accelerator.is_main_process:

@@ -237,12 +237,25 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.report = report if report is not None else LoadReport("<memory>", "pairs", len(self.pairs),
                                                                    len(self.pairs))
         self.transform = transform
+        #: a ``PairTransform`` (resize/crop/flip, the same for both images) and the seed its draws derive from
+        self.augment = None
+        self.seed = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> PreferencePair:
-        return self.pairs[index].decoded(self.transform)
+        return self.at(index, 0)
+
+    def at(self, index: int, epoch: int) -> PreferencePair:
+        """Row ``index`` as seen in ``epoch``: its random crop/flip are a function of (seed, epoch, index), so a
+        resumed run sees the crops an uninterrupted one would have."""
+        pair = self.pairs[index].decoded(self.transform)
+        if self.augment is None:
+            return pair
+        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + index) % (2 ** 63))
+        chosen, rejected = self.augment([pair.chosen, pair.rejected], rng)
+        return replace(pair, chosen=chosen, rejected=rejected)
 
 
 class RankedListDataset(torch.utils.data.Dataset):
@@ -262,17 +275,23 @@ class RankedListDataset(torch.utils.data.Dataset):
         return self.lists[index].decoded(self.transform)
 
 
-def collate_pairs(batch: Sequence[PreferencePair]) -> dict[str, Any]:
+def collate_pairs(batch: Sequence[PreferencePair], resolution: int | None = None) -> dict[str, Any]:
     """DataLoader collate: {prompt: [B], chosen: [B, 3, H, W], rejected: [B, 3, H, W], label: [B], id, meta}.
 
-    Images must share one size; give the dataset a resizing ``transform`` when the source mixes sizes.
+    With ``resolution`` every image not already ``resolution``² is resized (shorter side) and centre-cropped to
+    it, so a batch may mix sizes; without, images must share one size.
     """
     chosen = [to_image_tensor(p.chosen) for p in batch]
     rejected = [to_image_tensor(p.rejected) for p in batch]
+    if resolution is not None:
+        from diffalign.data.transforms import fit_to
+
+        chosen = [x if x.shape[-2:] == (resolution, resolution) else fit_to(x, resolution) for x in chosen]
+        rejected = [x if x.shape[-2:] == (resolution, resolution) else fit_to(x, resolution) for x in rejected]
     sizes = {tuple(x.shape) for x in chosen + rejected}
     if len(sizes) > 1:
-        raise MediaError(f"cannot batch images of different sizes {sorted(sizes)}; give the dataset a resizing "
-                         "transform")
+        raise MediaError(f"cannot batch images of different sizes {sorted(sizes)}; set data.resolution (or give "
+                         "the dataset a resizing transform)")
     return {
         "prompt": [p.prompt for p in batch],
         "chosen": torch.stack(chosen),

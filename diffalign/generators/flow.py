@@ -21,6 +21,10 @@ from diffalign.generators.loading import load_component, read_model_index, save_
 from diffalign.generators.text import SD3Conditioner, TextConditioner, ToyConditioner
 
 
+#: the SDE's noise scale s_σ: Flow-GRPO's η·√(σ/(1 − σ)) or DanceGRPO's constant η
+SDE_SCHEDULES = ("flow_grpo", "dance_grpo")
+
+
 class FlowGenerator(Generator):
     family = "flow"
     prediction_type = "flow"
@@ -91,7 +95,8 @@ class FlowGenerator(Generator):
         return prediction - scale * gradient.to(prediction.dtype)
 
     def sampler_step(self, x: torch.Tensor, prediction: torch.Tensor, t, t_next, *, eta: float = 0.0,
-                     generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOutput:
+                     generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None,
+                     sde_schedule: str = "flow_grpo") -> StepOutput:
         """Euler step of the probability-flow ODE dx/dσ = v from σ to σ_next (dσ = σ_next − σ < 0), or with η > 0
         the reverse-time SDE with the same marginals (Flow-GRPO, Liu et al. 2025, Eq. 9):
 
@@ -99,7 +104,10 @@ class FlowGenerator(Generator):
 
         (x + (1 − σ)·v is the ε̂ the velocity implies, so the bracket is v − (s²/2)·∇log p_σ). At σ = 1 the
         denominator uses σ_next instead, as Flow-GRPO does (its ``sigma_max``); steps from or to σ = 0 stay
-        deterministic."""
+        deterministic. ``sde_schedule="dance_grpo"`` takes the constant s = η instead (DanceGRPO, Xue et al. 2025,
+        arXiv 2505.07818), same drift and step."""
+        if sde_schedule not in SDE_SCHEDULES:
+            raise ValueError(f"sde_schedule must be one of {', '.join(SDE_SCHEDULES)}, got {sde_schedule!r}")
         view = (-1,) + (1,) * (x.dim() - 1)
         n = x.shape[0]
         s = per_row(t, n, x.device).to(torch.float64).view(view)
@@ -107,7 +115,10 @@ class FlowGenerator(Generator):
         dt = s_next - s
         live = (s > 0) & (s_next > 0) if eta > 0 else torch.zeros_like(s, dtype=torch.bool)
         s_eff = torch.where(s >= 1, s_next, s)
-        std = torch.where(live, eta * (s / (1 - s_eff).clamp(min=1e-12)).clamp(min=0).sqrt(), torch.zeros_like(s))
+        if sde_schedule == "dance_grpo":
+            std = torch.where(live, torch.full_like(s, eta), torch.zeros_like(s))
+        else:
+            std = torch.where(live, eta * (s / (1 - s_eff).clamp(min=1e-12)).clamp(min=0).sqrt(), torch.zeros_like(s))
         safe_s = torch.where(live, s, torch.ones_like(s))
         c_x = (1 + std ** 2 / (2 * safe_s) * dt).to(x.dtype)
         c_v = ((1 + std ** 2 * (1 - s) / (2 * safe_s)) * dt).to(x.dtype)

@@ -33,6 +33,30 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         raise PipelineFolderError(f"{index}: invalid JSON ({exc})") from exc
 
 
+#: ``model.dtype`` names -> torch dtypes (the names accelerate's ``mixed_precision`` uses, plus fp32)
+WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def weight_dtype(name: "str | Any") -> Any:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch dtype) -> the torch dtype; anything else is an error naming
+    the allowed values."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"model.dtype: {name!r} is not a weight dtype; use one of {', '.join(WEIGHT_DTYPES)}")
+    return getattr(torch, WEIGHT_DTYPES[name])
+
+
+def cast_components(gen: Any, dtype: Any) -> None:
+    """Cast every component module (denoiser, VAE, text encoders) of ``gen`` to ``dtype`` in place. The adapter's
+    own buffers (the noise schedule's ᾱ) stay fp32: in bf16 ᾱ near 1 rounds to 1 and the schedule loses its
+    low-noise end."""
+    for child in gen.children():
+        child.to(dtype=dtype)
+
+
 def resolve_class(library: str, class_name: str) -> type:
     if library in _ALLOWED_LIBRARIES:
         module = importlib.import_module(library)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffalign.generators.base import Generator
-from diffalign.generators.loading import read_model_index
+from diffalign.generators.loading import cast_components, read_model_index, weight_dtype
 from diffalign.generators.lora import load_lora
 
 
@@ -70,9 +70,15 @@ def generator_class(path: Path) -> type[Generator]:
                      "no generator family can load it")
 
 
-def load_generator(spec: str | Path, lora: str | Path | None = None, device: str = "cpu") -> Generator:
+def load_generator(spec: str | Path, lora: str | Path | None = None, device: str = "cpu",
+                   dtype: str | None = None) -> Generator:
+    """``dtype`` ("bf16", "fp16", "fp32" or None = as saved) casts the frozen parts' weights — released SDXL, SD3,
+    Flux and Wan folders in fp32 do not fit a training GPU otherwise. A LoRA attached here (and any LoRA added
+    later with ``add_lora``) keeps fp32 weights."""
     path = resolve_model_path(spec)
     gen = generator_class(path).from_pretrained(path)
+    if dtype is not None:
+        cast_components(gen, weight_dtype(dtype))
     if lora is not None:
         load_lora(gen, lora)
     return gen.to(device).eval()

@@ -1,0 +1,146 @@
+"""The reward-hacking monitor: stops (or warns) when the training reward rises while a held-out reward falls or the
+drift passes its bound, for every online method, and logs to TensorBoard and monitor.jsonl."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.config import ConfigError
+from diffalign.generators.lora import add_lora
+from diffalign.generators.registry import load_generator
+from test_trainers_smoke import tiny_toy_flow_folder
+from trainers.config import DiffusionNFTConfig, FlowGRPOConfig, OnlineMonitorConfig, PRDPConfig, TrainConfig
+from trainers.diffusion_nft import DiffusionNFT
+from trainers.flow_grpo import FlowGRPO
+from trainers.loop import AdapterOffReference, Trainer
+from trainers.online_monitor import MONITOR_LOG, OnlineMonitor, RewardHackingStop
+from trainers.prdp import PRDP
+from trainers.recipe import load_recipe
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def flow_folder(tmp_path_factory):
+    return tiny_toy_flow_folder(tmp_path_factory.mktemp("flow") / "flow")
+
+
+def lora_gen(folder):
+    gen = load_generator(folder)
+    torch.manual_seed(0)
+    add_lora(gen, 2)
+    return gen
+
+
+class Scripted:
+    """A fake reward whose mean score follows a script, one value per scoring call (then the last one)."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def score(self, media, prompts=None):
+        v = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return torch.full((media.shape[0],), float(v))
+
+
+class MeanBrightness(torch.nn.Module):
+    def score(self, media, prompts=None):
+        return media.float().flatten(1).mean(1)
+
+
+def monitor_cfg(**kw):
+    base = dict(every=2, prompts="toy-heldout", seeds=1, steps=2, guidance=1.0, max_heldout_drop=0.05)
+    return OnlineMonitorConfig(**{**base, **kw})
+
+
+def test_stops_when_the_training_reward_rises_while_a_held_out_reward_falls(flow_folder, tmp_path):
+    gen = lora_gen(flow_folder)
+    mon = OnlineMonitor(monitor_cfg(action="stop"), Scripted([0.2, 0.3, 0.5]), {"fake": Scripted([0.8, 0.78, 0.6])},
+                        tmp_path, prompts=PROMPTS)
+    ref = AdapterOffReference(gen)
+    assert mon.step(gen, ref) is not None  # call 0: the baseline
+    assert mon.step(gen, ref) is None  # call 1: not due
+    assert mon.step(gen, ref)["heldout/fake"] == pytest.approx(0.78)  # call 2: fell 0.02 < 0.05, fine
+    mon.step(gen, ref)
+    with pytest.raises(RewardHackingStop, match="held-out fake fell 0.8000 -> 0.6000"):
+        mon.step(gen, ref)  # call 4
+    lines = [json.loads(x) for x in (tmp_path / MONITOR_LOG).read_text().splitlines()]
+    assert [x["call"] for x in lines] == [0, 2, 4, 4] and lines[-1]["action"] == "stop"
+    assert list((tmp_path / "logs" / "monitor").glob("events.out.tfevents.*"))
+
+
+def test_no_alarm_without_a_training_gain_and_warn_mode_keeps_going(flow_folder, tmp_path):
+    gen = lora_gen(flow_folder)
+    ref = AdapterOffReference(gen)
+    # both fall: not hacking, just a bad run
+    quiet = OnlineMonitor(monitor_cfg(every=1), Scripted([0.5, 0.4]), {"h": Scripted([0.8, 0.1])}, None,
+                          prompts=PROMPTS)
+    quiet.step(gen, ref), quiet.step(gen, ref)
+    assert quiet.violations == 0
+    warn = OnlineMonitor(monitor_cfg(every=1, action="warn"), Scripted([0.1, 0.5, 0.6]),
+                         {"h": Scripted([0.8, 0.1, 0.1])}, None, prompts=PROMPTS)
+    for _ in range(3):
+        warn.step(gen, ref)
+    assert len(warn.warnings) == 2 and "training reward rose" in warn.warnings[0]
+    # patience: act only after two bad evaluations in a row
+    patient = OnlineMonitor(monitor_cfg(every=1, patience=2), Scripted([0.1, 0.5, 0.6]),
+                            {"h": Scripted([0.8, 0.1, 0.1])}, None, prompts=PROMPTS)
+    patient.step(gen, ref), patient.step(gen, ref)
+    with pytest.raises(RewardHackingStop):
+        patient.step(gen, ref)
+
+
+def test_drift_is_measured_against_the_reference_and_bounded(flow_folder):
+    gen = lora_gen(flow_folder)
+    ref = AdapterOffReference(gen)
+    mon = OnlineMonitor(monitor_cfg(every=1, max_heldout_drop=None, max_drift=1e-6), Scripted([0.1, 0.2]), {},
+                        None, prompts=PROMPTS)
+    assert mon.step(gen, ref)["drift"] == 0.0  # LoRA B = 0: policy = reference
+    with torch.no_grad():
+        for n, p in gen.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    with pytest.raises(RewardHackingStop, match="drift"):
+        mon.step(gen, ref)
+
+
+def make(method, reward):
+    if method == "flow_grpo":
+        return FlowGRPO(FlowGRPOConfig(name="flow_grpo", samples_per_prompt=2, sample_steps=3, guidance=1.0),
+                        reward=reward)
+    if method == "diffusion_nft":
+        return DiffusionNFT(DiffusionNFTConfig(name="diffusion_nft", samples_per_prompt=2, sample_steps=3),
+                            reward=reward)
+    return PRDP(PRDPConfig(name="prdp", samples_per_prompt=2, sample_steps=3, inner_steps=1, guidance=1.0),
+                reward=reward)
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "diffusion_nft", "prdp"])
+def test_every_online_method_is_stopped_when_a_held_out_reward_falls(method, flow_folder, tmp_path):
+    gen = lora_gen(flow_folder)
+    objective = make(method, MeanBrightness())
+    objective.monitor = OnlineMonitor(monitor_cfg(every=2, action="stop"), Scripted([0.2, 0.4, 0.6]),
+                                      {"fake": Scripted([0.9, 0.5, 0.1])}, tmp_path, prompts=PROMPTS)
+    train = TrainConfig(max_train_steps=6, train_batch_size=2, learning_rate=1e-2, report_to="none",
+                        checkpointing_steps=0, device="cpu")
+    trainer = Trainer(gen, objective, PROMPTS, train, tmp_path, collate=objective.collate)
+    with pytest.raises(RewardHackingStop, match="training reward rose 0.2000 -> 0.4000"):
+        trainer.train()
+    assert trainer.global_step == 2  # stopped at the second evaluation, before the third update
+    assert (tmp_path / MONITOR_LOG).is_file()
+
+
+def test_recipe_monitor_section_is_checked_at_load(tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "flow_grpo.yaml"
+    ok = load_recipe(recipe, ["method.monitor.heldout=[shapes-oracle, {name: shapes-oracle, weight: 0.5}]"])
+    assert ok.method.monitor.heldout[0] == "shapes-oracle" and ok.method.monitor.heldout[1][0].weight == 0.5
+    with pytest.raises((ValueError, ConfigError), match="monitor.heldout"):
+        load_recipe(recipe, ["method.monitor.heldout=[no-such-reward]"])
+    with pytest.raises((ValueError, ConfigError), match="monitor.every"):
+        load_recipe(recipe, ["method.monitor.every=0"])
+    prdp = Path(__file__).resolve().parent.parent / "configs" / "prdp.yaml"
+    assert load_recipe(prdp, ["method.monitor={every: 5}"]).method.monitor.every == 5

@@ -1,0 +1,225 @@
+"""Reward-hacking monitor for online methods (Flow-GRPO, DiffusionNFT, PRDP).
+
+Online methods over-optimise the reward they train on: it keeps rising while what it was a proxy for falls (a
+brightness reward gamed while the oracle drops). The guard used in practice is to evaluate, every N steps, a fixed
+validation set with held-out rewards and the drift from the reference, and to stop when the training reward rises
+while they degrade. This file is that guard, owned by an online objective and called at each of its loss calls
+(the shared loop has no callback seam; a call is one optimizer step without gradient accumulation):
+
+* the validation set is ``prompts`` × ``seeds`` with noise fixed once, sampled with the ODE (η = 0), so successive
+  evaluations differ only by the weights;
+* the first evaluation (before any update) is the baseline; the reference's samples of the same noise are drawn
+  once, and the drift is the mean squared difference of policy and reference media (in [0, 1]);
+* every value goes to TensorBoard (``<output_dir>/logs/monitor``) and to ``<output_dir>/monitor.jsonl``;
+* when the training reward has risen by more than ``min_train_gain`` while a held-out reward fell by more than
+  ``max_heldout_drop`` (or the drift passed ``max_drift``) for ``patience`` evaluations in a row, it warns or raises
+  ``RewardHackingStop`` (a ``TrainingError``: the loop stops; its checkpoints so far are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from diffalign.generators.base import Generator
+from trainers.config import OnlineMonitorConfig
+from trainers.loop import TrainingError
+
+logger = logging.getLogger(__name__)
+
+MONITOR_LOG = "monitor.jsonl"
+
+
+class RewardHackingStop(TrainingError):
+    """The monitor saw the training reward rise while a held-out reward or the drift passed its bound."""
+
+
+def reward_label(spec: Any) -> str:
+    """A short name for a reward spec (a name, or "a+b" for a weighted list)."""
+    if isinstance(spec, str):
+        return spec
+    return "+".join(getattr(t, "name", str(t)) for t in spec)
+
+
+class OnlineMonitor:
+    def __init__(self, cfg: OnlineMonitorConfig, train_reward, heldout: Mapping[str, Any],
+                 out_dir: str | Path | None = None, seed: int = 0, prompts: Sequence[str] | None = None):
+        from diffalign.sampling import read_prompts
+
+        self.cfg = cfg
+        self.train_reward = train_reward
+        self.heldout = dict(heldout)
+        self.prompts = [p for p in (prompts if prompts is not None else read_prompts(cfg.prompts))
+                        for _ in range(cfg.seeds)]
+        if not self.prompts:
+            raise ValueError(f"monitor.prompts {cfg.prompts!r}: no prompts")
+        self.seed = seed
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.calls = 0
+        self.baseline: dict[str, float] | None = None
+        self.history: list[dict[str, float]] = []
+        self.violations = 0
+        self.warnings: list[str] = []
+        self._noise: torch.Tensor | None = None
+        self._reference_media: torch.Tensor | None = None
+        self._writer = None
+
+    @classmethod
+    def from_recipe(cls, cfg: OnlineMonitorConfig | None, train_reward, out_dir: Path, seed: int
+                    ) -> "OnlineMonitor | None":
+        """The monitor a recipe's ``method.monitor`` asks for (held-out rewards loaded by name), or None."""
+        if cfg is None:
+            return None
+        from rewards import load_reward
+
+        heldout = {reward_label(spec): load_reward(spec) for spec in cfg.heldout}
+        return cls(cfg, train_reward, heldout, out_dir, seed)
+
+    # --- the hook an objective calls at each loss call ------------------------------------------------------------
+    def step(self, gen: Generator, reference) -> dict[str, float] | None:
+        """Evaluate when due (the first call and every ``every`` calls after), act on the result; returns the
+        evaluation's values (None when none was due)."""
+        due = self.calls % self.cfg.every == 0
+        index = self.calls
+        self.calls += 1
+        if not due:
+            return None
+        values = self.evaluate(gen, reference)
+        self._record(index, values)
+        self._check(index, values)
+        return values
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
+    def _score(self, reward, media: torch.Tensor) -> float:
+        tensors = list(reward.parameters()) + list(reward.buffers()) if isinstance(reward, torch.nn.Module) else []
+        device = tensors[0].device if tensors else media.device
+        return float(reward.score(media.to(device), self.prompts).float().mean())
+
+    @torch.no_grad()
+    def evaluate(self, gen: Generator, reference) -> dict[str, float]:
+        cfg = self.cfg
+        if self._noise is None:
+            self._noise = torch.randn(gen.latent_shape(len(self.prompts)),
+                                      generator=torch.Generator().manual_seed(self.seed + 7_777))
+        noise = self._noise.to(gen.device, gen.dtype)
+        media = gen.sample(self.prompts, cfg.steps, cfg.guidance, noise=noise).media.float()
+        if self._reference_media is None:
+            ref_fn = _reference_prediction(gen, reference)
+            self._reference_media = gen.sample(self.prompts, cfg.steps, cfg.guidance, noise=noise,
+                                               prediction_fn=ref_fn).media.float()
+        values = {"train_reward": self._score(self.train_reward, media),
+                  "drift": float((media - self._reference_media.to(media.device)).pow(2).mean())}
+        for name, reward in self.heldout.items():
+            values[f"heldout/{name}"] = self._score(reward, media)
+        return values
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------------
+    def _record(self, index: int, values: dict[str, float]) -> None:
+        self.history.append({"call": index, **values})
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / MONITOR_LOG, "a") as f:
+            f.write(json.dumps({"call": index, **values}) + "\n")
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: the jsonl log still has everything
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.out_dir / "logs" / "monitor"))
+        if self._writer:
+            for key, value in values.items():
+                self._writer.add_scalar(f"monitor/{key}", value, index)
+            self._writer.flush()
+
+    def _check(self, index: int, values: dict[str, float]) -> None:
+        cfg = self.cfg
+        if self.baseline is None:
+            self.baseline = dict(values)
+            return
+        base = self.baseline
+        gain = values["train_reward"] - base["train_reward"]
+        reasons = []
+        if gain > cfg.min_train_gain:
+            if cfg.max_heldout_drop is not None:
+                for key in values:
+                    if key.startswith("heldout/") and base[key] - values[key] > cfg.max_heldout_drop:
+                        reasons.append(f"held-out {key[8:]} fell {base[key]:.4f} -> {values[key]:.4f} "
+                                       f"(bound {cfg.max_heldout_drop})")
+            if cfg.max_drift is not None and values["drift"] > cfg.max_drift:
+                reasons.append(f"drift {values['drift']:.4f} > bound {cfg.max_drift}")
+        self.violations = self.violations + 1 if reasons else 0
+        if not reasons or self.violations < cfg.patience:
+            return
+        message = (f"reward hacking at loss call {index}: training reward rose {base['train_reward']:.4f} -> "
+                   f"{values['train_reward']:.4f} while " + "; ".join(reasons))
+        if self.out_dir is not None:
+            with open(self.out_dir / MONITOR_LOG, "a") as f:
+                f.write(json.dumps({"call": index, "action": cfg.action, "reason": message}) + "\n")
+        if cfg.action == "stop":
+            self.close()
+            raise RewardHackingStop(message + " — stopped (method.monitor.action: stop); checkpoints so far are kept")
+        logger.warning(message)
+        self.warnings.append(message)
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+        self._writer = None
+
+
+def _reference_prediction(gen: Generator, reference) -> Callable:
+    """The sampler's prediction with the reference network (adapters off / frozen copy) in place of the policy."""
+    def predict(x, t, cond, uncond, guidance):
+        return gen.guided_prediction(x, t, cond, uncond, guidance, predict=reference.predict)
+    return predict
+
+
+class MonitoredOnlineMethod:
+    """What every online objective shares: its reward (loaded on first use), the prompt set it samples from, the
+    online budget counters and the monitor (built from ``cfg.monitor`` once the run's output folder is known)."""
+
+    cfg: Any
+    method_name: str = "online"
+
+    def _init_online(self, reward=None, monitor: OnlineMonitor | None = None) -> None:
+        self._reward = reward
+        self.monitor = monitor
+        #: the online budget, reported beside offline methods' fixed data: samples drawn, samples scored
+        self.samples_drawn = 0
+        self.reward_calls = 0
+
+    @property
+    def reward(self):
+        if self._reward is None:
+            from rewards import load_reward
+
+            self._reward = load_reward(self.cfg.reward, checkpoint=self.cfg.reward_checkpoint)
+        return self._reward
+
+    def prepare_data(self, recipe, gen: Generator, out_dir: Path):
+        from diffalign.sampling import read_prompts
+
+        if recipe.data.prompts is None:
+            raise ValueError(f"{self.method_name} is online: give data.prompts (a toy prompt set name or a text "
+                             "file of prompts)")
+        if self.monitor is None:
+            self.monitor = OnlineMonitor.from_recipe(getattr(self.cfg, "monitor", None), self.reward, out_dir,
+                                                     recipe.seed)
+        return read_prompts(recipe.data.prompts)
+
+    def monitor_step(self, gen: Generator, reference) -> None:
+        if self.monitor is not None:
+            self.monitor.step(gen, reference)
+
+    def score(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        reward = self.reward
+        tensors = list(reward.parameters()) + list(reward.buffers()) if isinstance(reward, torch.nn.Module) else []
+        device = tensors[0].device if tensors else media.device
+        self.reward_calls += len(prompts)
+        return reward.score(media.to(device), list(prompts)).float()
