@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.attention import AttentionBackendError, attention, decisions, explain, install, uninstall  # noqa: E402
+from diffalign.attention.autotune import time_call  # noqa: E402
 from diffalign.attention.dispatch import BACKENDS, _spec  # noqa: E402
 
 # (label, B, Hq, Hkv, Nq, Nk, D) at the model's real size (one evaluation, no CFG doubling beyond B=2)
@@ -60,20 +60,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def timer(device):
     """Returns f(fn) -> seconds for one call, synchronized on CUDA."""
-    if device.type == "cuda":
-        def one(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def one(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-    return one
+    return lambda fn: time_call(fn, device.type)
 
 
 def measure(fn, device, reps, warmup):

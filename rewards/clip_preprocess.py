@@ -95,17 +95,24 @@ def resize_center_crop(images: torch.Tensor | Sequence[torch.Tensor], size: int,
         x = _resize(x, nh, nw)
         if clamp:
             x = x.clamp(0.0, 1.0)
-        if nh < crop or nw < crop:  # upstream pads a too-small image with zeros before cropping
-            ph, pw = max(crop - nh, 0), max(crop - nw, 0)
-            x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
-            nh, nw = x.shape[-2:]
-        if rounding == "round":
-            top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-        else:
-            top, left = (nh - crop) // 2, (nw - crop) // 2
-        parts.append((idx, x[..., top:top + crop, left:left + crop]))
+        parts.append((idx, center_crop(x, crop, rounding)))
         n += len(idx)
     return _reassemble(parts, n)
+
+
+def center_crop(x: torch.Tensor, crop: int, rounding: str) -> torch.Tensor:
+    """The centre ``crop``² of images [..., H, W], padded with zeros first when smaller (as both upstream crops
+    do). ``rounding`` places the window: "floor" (HF CLIPProcessor) or "round" (torchvision CenterCrop)."""
+    nh, nw = x.shape[-2:]
+    if nh < crop or nw < crop:
+        ph, pw = max(crop - nh, 0), max(crop - nw, 0)
+        x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
+        nh, nw = x.shape[-2:]
+    if rounding == "round":
+        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    else:
+        top, left = (nh - crop) // 2, (nw - crop) // 2
+    return x[..., top:top + crop, left:left + crop]
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:

@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from rewards.clip_preprocess import center_crop
 
 MODES = ("fast", "exact")
 
@@ -78,13 +79,5 @@ def pil_resize_center_crop(images: torch.Tensor | Sequence[torch.Tensor], size: 
             nw, nh = int(size * w / h), size
         pil = pil.resize((nw, nh), Image.BICUBIC)  # PIL returns a copy when the size is unchanged
         x = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)
-        if nh < crop or nw < crop:  # both upstream crops pad a too-small image with black first
-            ph, pw = max(crop - nh, 0), max(crop - nw, 0)
-            x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
-            nh, nw = x.shape[-2:]
-        if rounding == "round":
-            top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-        else:
-            top, left = (nh - crop) // 2, (nw - crop) // 2
-        out.append(x[:, top:top + crop, left:left + crop].to(torch.float32).div(255.0))
+        out.append(center_crop(x, crop, rounding).to(torch.float32).div(255.0))
     return torch.stack(out).to(device)

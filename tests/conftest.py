@@ -17,3 +17,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def flow_folder(tmp_path_factory):
+    """A tiny pixel-space toy flow base (SD3-style transformer) on disk."""
+    from test_trainers_smoke import tiny_toy_flow_folder
+
+    return tiny_toy_flow_folder(tmp_path_factory.mktemp("flow") / "flow")

@@ -9,9 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffalign.data.preference import PreferenceDataset, PreferencePair  # noqa: E402
 from diffalign.generators.lora import add_lora  # noqa: E402
 from diffalign.generators.registry import load_generator  # noqa: E402
+from tiny_models import random_pairs  # noqa: E402
 from trainers.config import DPOConfig, TrainConfig  # noqa: E402
 from trainers.dpo import DiffusionDPO  # noqa: E402
 from trainers.loop import Trainer  # noqa: E402
@@ -22,9 +22,7 @@ def main(model_dir: str, out_dir: str) -> None:
     gen = load_generator(model_dir)
     torch.manual_seed(0)
     add_lora(gen, 4)
-    g = torch.Generator().manual_seed(1)
-    data = PreferenceDataset([PreferencePair("a red circle", torch.rand(3, 8, 8, generator=g),
-                                             torch.rand(3, 8, 8, generator=g)) for _ in range(16)])
+    data = random_pairs(16)
     cfg = TrainConfig(max_train_steps=3, train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
                       checkpointing_steps=2, report_to="none", device="cpu")
     trainer = Trainer(gen, DiffusionDPO(DPOConfig(name="dpo", beta=1000.0)), data, cfg, out_dir)

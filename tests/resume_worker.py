@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffalign.data.preference import PreferenceDataset, PreferencePair  # noqa: E402
 from diffalign.generators.lora import add_lora  # noqa: E402
 from diffalign.generators.registry import load_generator  # noqa: E402
+from tiny_models import random_pairs  # noqa: E402
 from trainers.config import DPOConfig, TrainConfig  # noqa: E402
 from trainers.dpo import DiffusionDPO  # noqa: E402
 from trainers.loop import TRAINABLE_FILE, Trainer, latest_checkpoint  # noqa: E402
@@ -25,9 +25,7 @@ def main(model_dir: str, out_dir: str, steps: str) -> None:
     gen = load_generator(model_dir)
     torch.manual_seed(0)
     add_lora(gen, 4)
-    g = torch.Generator().manual_seed(1)
-    data = PreferenceDataset([PreferencePair("a red circle", torch.rand(3, 8, 8, generator=g),
-                                             torch.rand(3, 8, 8, generator=g)) for _ in range(16)])
+    data = random_pairs(16)
     cfg = TrainConfig(max_train_steps=int(steps), train_batch_size=2, learning_rate=1e-2, checkpointing_steps=2,
                       report_to="none", device="cpu", checkpoints_total_limit=None)
     trainer = Trainer(gen, DiffusionDPO(DPOConfig(name="dpo", beta=1000.0)), data, cfg, out_dir)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffalign.generators.lora import add_lora
 from diffalign.generators.registry import load_generator
-from test_trainers_smoke import lora_b_norm, tiny_toy_flow_folder
+from test_trainers_smoke import lora_b_norm
+from tiny_online import PROMPTS, MeanBrightness, lora_gen
 from trainers.config import DiffusionNFTConfig, TrainConfig
 from trainers.diffusion_nft import DiffusionNFT
 from trainers.loop import Trainer
@@ -17,26 +17,6 @@ from trainers.losses import diffusion_nft_loss, nft_optimality
 from trainers.recipe import run_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PROMPTS = ["a red circle", "a blue square"]
-
-
-@pytest.fixture(scope="module")
-def flow_folder(tmp_path_factory):
-    return tiny_toy_flow_folder(tmp_path_factory.mktemp("flow") / "flow")
-
-
-def lora_gen(folder):
-    gen = load_generator(folder)
-    torch.manual_seed(0)
-    add_lora(gen, 2)
-    return gen
-
-
-class MeanBrightness(torch.nn.Module):
-    def score(self, media, prompts=None):
-        return media.float().flatten(1).mean(1)
-
-
 def test_optimality_by_hand_and_a_constant_group_is_one_half():
     r = nft_optimality(torch.tensor([0.0, 1.0, 2.0, 3.0, 7.0, 7.0, 7.0, 7.0]), 4, clip=1.0, eps=0.0)
     a = 0.5 / math.sqrt(1.25)  # advantages ±1.342 (clipped to ±1) and ±0.447

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffalign.generators.lora import add_lora
 from diffalign.generators.registry import load_generator
-from test_trainers_smoke import lora_b_norm, tiny_toy_flow_folder
+from test_trainers_smoke import lora_b_norm
+from tiny_online import PROMPTS, MeanBrightness, lora_gen
 from trainers.config import FlowGRPOConfig, TrainConfig
 from trainers.flow_grpo import FlowGRPO
 from trainers.loop import Trainer
@@ -17,28 +17,6 @@ from trainers.losses import flow_grpo_loss, group_advantages
 from trainers.recipe import run_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PROMPTS = ["a red circle", "a blue square"]
-
-
-@pytest.fixture(scope="module")
-def flow_folder(tmp_path_factory):
-    return tiny_toy_flow_folder(tmp_path_factory.mktemp("flow") / "flow")
-
-
-def lora_gen(folder):
-    gen = load_generator(folder)
-    torch.manual_seed(0)
-    add_lora(gen, 2)
-    return gen
-
-
-class MeanBrightness(torch.nn.Module):
-    """A tiny differentiable-free reward: mean pixel value (no weights, any prompt)."""
-
-    def score(self, media, prompts=None):
-        return media.float().flatten(1).mean(1)
-
-
 # --- losses -------------------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand_and_a_constant_group_gives_zero():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])

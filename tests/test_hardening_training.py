@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from diffalign import cli
-from diffalign.data.preference import PreferenceDataset, PreferencePair
 from diffalign.generators.lora import add_lora
 from diffalign.generators.registry import load_generator
-from tiny_models import tiny_toy_folder
+from tiny_models import random_pairs, tiny_toy_folder
 from trainers.config import DPOConfig, TrainConfig
 from trainers.dpo import DiffusionDPO
 from trainers.loop import CHECKPOINT_DIR, TRAINABLE_FILE, Trainer, TrainingError
@@ -28,9 +27,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs():
-    g = torch.Generator().manual_seed(1)
-    return PreferenceDataset([PreferencePair("a red circle", torch.rand(3, 8, 8, generator=g),
-                                             torch.rand(3, 8, 8, generator=g)) for _ in range(8)])
+    return random_pairs(8)
 
 
 def _gen(toy, rank=4):

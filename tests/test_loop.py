@@ -6,7 +6,7 @@ import torch
 from diffalign.data.preference import PreferenceDataset, PreferencePair
 from diffalign.generators.lora import add_lora, save_lora
 from diffalign.generators.registry import load_generator
-from tiny_models import tiny_sd_pipeline, tiny_toy_folder
+from tiny_models import random_pairs, tiny_sd_pipeline, tiny_toy_folder
 from trainers.config import DPOConfig, TrainConfig
 from trainers.dpo import DiffusionDPO
 from trainers.loop import CHECKPOINT_DIR, Trainer, TrainingError, latest_checkpoint
@@ -19,10 +19,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs():
-    g = torch.Generator().manual_seed(1)
-    prompts = ["a red circle", "a blue square", "a green triangle"]
-    return PreferenceDataset([PreferencePair(prompts[i % 3], torch.rand(3, 8, 8, generator=g),
-                                             torch.rand(3, 8, 8, generator=g)) for i in range(12)])
+    return random_pairs(12, prompts=("a red circle", "a blue square", "a green triangle"))
 
 
 def make(toy, lora=True):

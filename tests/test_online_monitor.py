@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from diffalign.config import ConfigError
-from diffalign.generators.lora import add_lora
-from diffalign.generators.registry import load_generator
-from test_trainers_smoke import tiny_toy_flow_folder
+from tiny_online import PROMPTS, MeanBrightness, lora_gen
 from trainers.config import DiffusionNFTConfig, FlowGRPOConfig, OnlineMonitorConfig, PRDPConfig, TrainConfig
 from trainers.diffusion_nft import DiffusionNFT
 from trainers.flow_grpo import FlowGRPO
@@ -17,21 +15,6 @@ from trainers.loop import AdapterOffReference, Trainer
 from trainers.online_monitor import MONITOR_LOG, OnlineMonitor, RewardHackingStop
 from trainers.prdp import PRDP
 from trainers.recipe import load_recipe
-
-PROMPTS = ["a red circle", "a blue square"]
-
-
-@pytest.fixture(scope="module")
-def flow_folder(tmp_path_factory):
-    return tiny_toy_flow_folder(tmp_path_factory.mktemp("flow") / "flow")
-
-
-def lora_gen(folder):
-    gen = load_generator(folder)
-    torch.manual_seed(0)
-    add_lora(gen, 2)
-    return gen
-
 
 class Scripted:
     """A fake reward whose mean score follows a script, one value per scoring call (then the last one)."""
@@ -43,11 +26,6 @@ class Scripted:
         v = self.values[min(self.calls, len(self.values) - 1)]
         self.calls += 1
         return torch.full((media.shape[0],), float(v))
-
-
-class MeanBrightness(torch.nn.Module):
-    def score(self, media, prompts=None):
-        return media.float().flatten(1).mean(1)
 
 
 def monitor_cfg(**kw):

@@ -110,3 +110,13 @@ def tiny_sd3_folder(folder: Path) -> Path:
 
     shutil.rmtree(folder / "_tok")
     return folder
+
+
+def random_pairs(n: int, prompts=("a red circle",), size: int = 8, seed: int = 1):
+    """``n`` preference pairs of random [3, size, size] images, prompts in turn (chosen, then rejected, drawn from
+    one generator seeded ``seed``): the data of the loop and multi-process tests."""
+    from diffalign.data.preference import PreferenceDataset, PreferencePair
+
+    g = torch.Generator().manual_seed(seed)
+    return PreferenceDataset([PreferencePair(prompts[i % len(prompts)], torch.rand(3, size, size, generator=g),
+                                             torch.rand(3, size, size, generator=g)) for i in range(n)])

@@ -24,12 +24,10 @@ import torch
 from diffalign.generators.base import Generator
 from trainers.config import DiffusionNFTConfig
 from trainers.losses import diffusion_nft_loss, nft_optimality
-from trainers.online_monitor import MonitoredOnlineMethod
-from trainers.prdp import collate_prompts
+from trainers.online import OnlineMethod
 
 
-class DiffusionNFT(MonitoredOnlineMethod):
-    collate = staticmethod(collate_prompts)
+class DiffusionNFT(OnlineMethod):
     method_name = "diffusion_nft"
 
     def __init__(self, cfg: DiffusionNFTConfig, reward=None, monitor=None):
@@ -46,8 +44,6 @@ class DiffusionNFT(MonitoredOnlineMethod):
             raise ValueError("diffusion_nft: eta >= 0, ema_rate >= 0 and 0 <= ema_max < 1 are required")
         self.cfg = cfg
         self._init_online(reward, monitor)
-        self.round: dict[str, Any] | None = None
-        self.uses = 0
         self.rounds = 0
         self.old: dict[str, torch.Tensor] | None = None
 
@@ -92,7 +88,8 @@ class DiffusionNFT(MonitoredOnlineMethod):
 
     # --- a sampling round -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator) -> None:
+    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator,
+                     reference=None) -> None:
         cfg = self.cfg
         decay = 0.0 if self.on_policy else self.update_old(gen)
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
@@ -113,11 +110,7 @@ class DiffusionNFT(MonitoredOnlineMethod):
     # --- the objective --------------------------------------------------------------------------------------------
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         cfg = self.cfg
-        self.monitor_step(gen, reference)
-        if self.round is None or self.uses >= cfg.inner_steps:
-            self.sample_round(gen, list(batch["prompt"]), rng)
-        self.uses += 1
-        r = self.round
+        r = self.current_round(gen, batch, rng, reference)
         k = cfg.timesteps_per_sample
         x0 = r["x0"].repeat(k, *([1] * (r["x0"].dim() - 1)))
         cond = r["cond"].repeat(k)

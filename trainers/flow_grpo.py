@@ -27,12 +27,10 @@ import torch
 from diffalign.generators.base import Generator, StepOutput, per_row
 from trainers.config import FlowGRPOConfig
 from trainers.losses import flow_grpo_loss, group_advantages
-from trainers.online_monitor import MonitoredOnlineMethod
-from trainers.prdp import collate_prompts
+from trainers.online import OnlineMethod
 
 
-class FlowGRPO(MonitoredOnlineMethod):
-    collate = staticmethod(collate_prompts)
+class FlowGRPO(OnlineMethod):
     method_name = "flow_grpo"
 
     def __init__(self, cfg: FlowGRPOConfig, reward=None, monitor=None):
@@ -51,8 +49,6 @@ class FlowGRPO(MonitoredOnlineMethod):
                              f"{cfg.sde_steps} / {cfg.sde_random}")
         self.cfg = cfg
         self._init_online(reward, monitor)
-        self.round: dict[str, Any] | None = None
-        self.uses = 0
 
     # --- the seam's step with this method's SDE -------------------------------------------------------------------
     def step(self, gen: Generator, x: torch.Tensor, pred: torch.Tensor, ts: torch.Tensor, i: int, eta: float,
@@ -76,7 +72,8 @@ class FlowGRPO(MonitoredOnlineMethod):
 
     # --- a sampling round -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator) -> None:
+    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator,
+                     reference=None) -> None:
         cfg = self.cfg
         if gen.prediction_type != "flow":
             raise ValueError(f"flow_grpo needs a flow-matching generator (its SDE sampler), got the {gen.family} "
@@ -110,11 +107,7 @@ class FlowGRPO(MonitoredOnlineMethod):
     # --- the objective --------------------------------------------------------------------------------------------
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         cfg = self.cfg
-        self.monitor_step(gen, reference)
-        if self.round is None or self.uses >= cfg.inner_steps:
-            self.sample_round(gen, list(batch["prompt"]), rng)
-        self.uses += 1
-        r = self.round
+        r = self.current_round(gen, batch, rng, reference)
         steps, traj, ts = r["steps"], r["traj"], r["ts"]
         n = traj.shape[0]
         m = max(1, round(cfg.timestep_fraction * len(steps)))

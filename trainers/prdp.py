@@ -22,7 +22,6 @@ Choices where the paper (no code released) is silent:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,16 +29,7 @@ import torch
 from diffalign.generators.base import Conditioning, Generator, cfg_prediction
 from trainers.config import PRDPConfig
 from trainers.losses import prdp_loss
-
-
-def _module_device(module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def collate_prompts(rows: Sequence[str]) -> dict[str, Any]:
-    return {"prompt": list(rows)}
+from trainers.online import OnlineMethod
 
 
 #: u + w·(c − u) with any ``predict`` — the samplers' CFG arithmetic (kept for callers of the old name)
@@ -69,8 +59,8 @@ class SamplerSchedule:
         return self.gen.sampler_step(x, pred, self.t[i], self.t[i + 1], eta=self.eta, prev_sample=prev).log_prob
 
 
-class PRDP:
-    collate = staticmethod(collate_prompts)
+class PRDP(OnlineMethod):
+    method_name = "prdp"
 
     def __init__(self, cfg: PRDPConfig, reward=None, monitor=None):
         if cfg.eta <= 0:
@@ -82,37 +72,12 @@ class PRDP:
         if cfg.inner_steps < 1 or cfg.beta <= 0 or cfg.clip <= 0:
             raise ValueError("prdp: inner_steps >= 1, beta > 0 and clip > 0 are required")
         self.cfg = cfg
-        self._reward = reward
-        #: the reward-hacking monitor (trainers/online_monitor.py), from ``cfg.monitor`` once the run folder is known
-        self.monitor = monitor
-        self.round: dict[str, Any] | None = None
-        self.uses = 0
-        #: the online budget, reported beside offline methods' fixed data: trajectories sampled, images scored
-        self.samples_drawn = 0
-        self.reward_calls = 0
-
-    @property
-    def reward(self):
-        if self._reward is None:
-            from rewards import load_reward
-
-            self._reward = load_reward(self.cfg.reward, checkpoint=self.cfg.reward_checkpoint)
-        return self._reward
-
-    def prepare_data(self, recipe, gen: Generator, out_dir: Path):
-        from diffalign.sampling import read_prompts
-
-        if recipe.data.prompts is None:
-            raise ValueError("prdp is online: give data.prompts (a toy prompt set name or a text file of prompts)")
-        if self.monitor is None:
-            from trainers.online_monitor import OnlineMonitor
-
-            self.monitor = OnlineMonitor.from_recipe(self.cfg.monitor, self.reward, out_dir, recipe.seed)
-        return read_prompts(recipe.data.prompts)
+        self._init_online(reward, monitor)
 
     # --- a sampling round -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator, reference) -> None:
+    def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator,
+                     reference=None) -> None:
         cfg = self.cfg
         k = cfg.samples_per_prompt
         flat = [p for p in prompts for _ in range(k)]
@@ -123,9 +88,8 @@ class PRDP:
         noise = torch.randn(gen.latent_shape(n), generator=torch.Generator().manual_seed(seed)).to(device, gen.dtype)
         out = gen.sample(flat, cfg.sample_steps, cfg.guidance, generator=g, noise=noise, eta=cfg.eta,
                          return_trajectory=True)
-        rewards = self.reward.score(out.media.to(_module_device(self.reward)), flat).float().to(device)
+        rewards = self.score(out.media, flat).to(device)
         self.samples_drawn += n
-        self.reward_calls += n
         sched = SamplerSchedule(gen, cfg.sample_steps, cfg.eta)
         cond, uncond = gen.sampling_conditions(flat, cfg.guidance)
         traj = out.trajectory
@@ -152,12 +116,7 @@ class PRDP:
     # --- the objective ------------------------------------------------------------------------------------------
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         cfg = self.cfg
-        if self.monitor is not None:
-            self.monitor.step(gen, reference)
-        if self.round is None or self.uses >= cfg.inner_steps:
-            self.sample_round(gen, list(batch["prompt"]), rng, reference)
-        self.uses += 1
-        r = self.round
+        r = self.current_round(gen, batch, rng, reference)
         steps = r["steps"]
         m = max(1, round(cfg.timestep_fraction * len(steps)))
         chosen = sorted(torch.randperm(len(steps), generator=rng)[:m].tolist())

@@ -57,7 +57,8 @@ def size_bucket(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
-def _seconds(fn: Callable[[], object], device_type: str) -> float:
+def time_call(fn: Callable[[], object], device_type: str) -> float:
+    """Seconds one call of ``fn`` takes: CUDA events around it (synchronized) on a GPU, the host clock elsewhere."""
     if device_type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -92,7 +93,7 @@ def choose(names: Sequence[str], run: Callable[[str, bool], torch.Tensor], refer
                 results[name] = f"relative error {err:.1e} > {tol:.0e}"
                 continue
             run(name, grad)  # warm-up (kernel load, workspace)
-            results[name] = min(_seconds(lambda: [run(name, grad) for _ in range(CALLS)], device_type)
+            results[name] = min(time_call(lambda: [run(name, grad) for _ in range(CALLS)], device_type)
                                 for _ in range(REPS)) / CALLS
         except (RuntimeError, torch.OutOfMemoryError) as e:  # a kernel that cannot run this call is skipped
             if isinstance(e, torch.OutOfMemoryError):
