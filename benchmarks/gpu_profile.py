@@ -148,17 +148,15 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     steps = 1 if args.dry else args.steps
     lines = ["# GPU profiles", ""]
-    parts = args.parts.split(",")
-    if "unet" in parts:
-        lines += unet_forward(device, dtype, args.dry, steps)
-    if "dpo" in parts:
-        lines += dpo_step(device, dtype, args.dry, steps)
-    if "score" in parts:
-        lines += score_stages(device, args.dry)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    parts = {"unet": lambda: unet_forward(device, dtype, args.dry, steps),
+             "dpo": lambda: dpo_step(device, dtype, args.dry, steps),
+             "score": lambda: score_stages(device, args.dry)}
+    for name in args.parts.split(","):
+        lines += parts[name]()
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:  # rewritten after each part: a run stopped at its time limit keeps what it finished
+            args.out.write_text(text)
     return 0
 
 

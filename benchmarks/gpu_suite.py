@@ -138,18 +138,18 @@ def run(out: Path, dry: bool, budget_s: float, only: list[str] | None = None) ->
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             output = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
-            proc = None
             status = f"stopped at its {limit:.0f} s limit"
             output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            # the sections rewrite their own files as they go: what a stopped one finished is still shown
+            proc = subprocess.CompletedProcess(sec.argv, -9, output, "")
         took = time.monotonic() - t0
         with log.open("a") as f:
             f.write(f"\n===== {sec.name} ({status}, {took:.0f} s)\n{output}\n")
         body = ""
-        if proc is not None:
-            try:
-                body = sec.render(out, proc)
-            except (OSError, ValueError, KeyError, ImportError) as e:
-                status += f"; no table ({type(e).__name__}: {e})"
+        try:
+            body = sec.render(out, proc)
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            status += f"; no table ({type(e).__name__}: {e})"
         if not body:
             body = "```\n" + "\n".join(output.strip().splitlines()[-15:]) + "\n```"
         done.append((sec.name, f"{status}, {took:.0f} s", body))

@@ -38,4 +38,16 @@ def test_a_section_past_the_budget_is_reported_not_run(tmp_path, monkeypatch):
     assert done == [("Denoiser forwards: diffusers' processors vs diffalign.attention.install",
                      "not run: the time budget was spent", "")]
     assert "not run: the time budget was spent" in (tmp_path / "gpu_suite.md").read_text()
-    assert sys.executable  # the suite runs sections with the same interpreter
+
+
+def test_a_section_stopped_at_its_limit_still_reports_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import gpu_suite
+
+    slow = gpu_suite.Section(
+        "slow part", [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(tmp_path / 'part.md')!r})"
+                                            ".write_text('| first part | 1.0 |'); time.sleep(60)"],
+        limit_s=21, render=gpu_suite._render_markdown("part.md"))
+    monkeypatch.setattr(gpu_suite, "sections", lambda out, dry: [slow])
+    [(name, status, body)] = gpu_suite.run(tmp_path, dry=True, budget_s=21)
+    assert status.startswith("stopped at its 21 s limit") and "| first part | 1.0 |" in body
