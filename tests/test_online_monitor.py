@@ -12,7 +12,7 @@ from trainers.config import DiffusionNFTConfig, FlowGRPOConfig, OnlineMonitorCon
 from trainers.diffusion_nft import DiffusionNFT
 from trainers.flow_grpo import FlowGRPO
 from trainers.loop import AdapterOffReference, Trainer
-from trainers.online_monitor import MONITOR_LOG, OnlineMonitor, RewardHackingStop
+from trainers.online_monitor import MONITOR_LOG, OnlineMonitor
 from trainers.prdp import PRDP
 from trainers.recipe import load_recipe
 
@@ -42,8 +42,9 @@ def test_stops_when_the_training_reward_rises_while_a_held_out_reward_falls(flow
     assert mon.step(gen, ref) is None  # call 1: not due
     assert mon.step(gen, ref)["heldout/fake"] == pytest.approx(0.78)  # call 2: fell 0.02 < 0.05, fine
     mon.step(gen, ref)
-    with pytest.raises(RewardHackingStop, match="held-out fake fell 0.8000 -> 0.6000"):
-        mon.step(gen, ref)  # call 4
+    assert mon.stop_reason is None
+    mon.step(gen, ref)  # call 4
+    assert "held-out fake fell 0.8000 -> 0.6000" in mon.stop_reason
     lines = [json.loads(x) for x in (tmp_path / MONITOR_LOG).read_text().splitlines()]
     assert [x["call"] for x in lines] == [0, 2, 4, 4] and lines[-1]["action"] == "stop"
     assert list((tmp_path / "logs" / "monitor").glob("events.out.tfevents.*"))
@@ -66,8 +67,9 @@ def test_no_alarm_without_a_training_gain_and_warn_mode_keeps_going(flow_folder,
     patient = OnlineMonitor(monitor_cfg(every=1, patience=2), Scripted([0.1, 0.5, 0.6]),
                             {"h": Scripted([0.8, 0.1, 0.1])}, None, prompts=PROMPTS)
     patient.step(gen, ref), patient.step(gen, ref)
-    with pytest.raises(RewardHackingStop):
-        patient.step(gen, ref)
+    assert patient.stop_reason is None
+    patient.step(gen, ref)
+    assert "training reward rose" in patient.stop_reason
 
 
 def test_drift_is_measured_against_the_reference_and_bounded(flow_folder):
@@ -80,8 +82,8 @@ def test_drift_is_measured_against_the_reference_and_bounded(flow_folder):
         for n, p in gen.denoiser.named_parameters():
             if "lora_B" in n:
                 p.add_(0.5)
-    with pytest.raises(RewardHackingStop, match="drift"):
-        mon.step(gen, ref)
+    mon.step(gen, ref)
+    assert "drift" in mon.stop_reason
 
 
 def make(method, reward):
@@ -104,9 +106,9 @@ def test_every_online_method_is_stopped_when_a_held_out_reward_falls(method, flo
     train = TrainConfig(max_train_steps=6, train_batch_size=2, learning_rate=1e-2, report_to="none",
                         checkpointing_steps=0, device="cpu")
     trainer = Trainer(gen, objective, PROMPTS, train, tmp_path, collate=objective.collate)
-    with pytest.raises(RewardHackingStop, match="training reward rose 0.2000 -> 0.4000"):
-        trainer.train()
-    assert trainer.global_step == 2  # stopped at the second evaluation, before the third update
+    result = trainer.train()
+    assert "training reward rose 0.2000 -> 0.4000" in result.stopped
+    assert result.global_step == 2  # stopped at the second evaluation, before the third update
     assert (tmp_path / MONITOR_LOG).is_file()
 
 
@@ -122,3 +124,26 @@ def test_recipe_monitor_section_is_checked_at_load(tmp_path):
         load_recipe(recipe, ["method.monitor.every=0"])
     prdp = Path(__file__).resolve().parent.parent / "configs" / "prdp.yaml"
     assert load_recipe(prdp, ["method.monitor={every: 5}"]).method.monitor.every == 5
+
+
+def test_a_stopped_recipe_still_writes_its_lora_checkpoint_and_evaluation(flow_folder, tmp_path):
+    from pathlib import Path
+
+    from trainers.recipe import run_recipe
+
+    out = tmp_path / "run"
+    # any drift counts once the training reward has not fallen by more than 1: the run stops at the first
+    # evaluation after an update (step 1), before that update's successor
+    sets = [f"model.path={flow_folder}", f"output_dir={out}", "model.lora_rank=2", "train.max_train_steps=5",
+            "train.train_batch_size=2", "train.checkpointing_steps=10", "train.report_to=none",
+            "train.learning_rate=0.01", "train.lr_warmup_steps=0", "eval.seeds=2", "eval.steps=2",
+            "eval.train_prompts=null", "eval.grid_seeds=2", "method.samples_per_prompt=2", "method.sample_steps=3",
+            "method.monitor.every=1", "method.monitor.seeds=1", "method.monitor.steps=2",
+            "method.monitor.max_heldout_drop=null", "method.monitor.max_drift=0.0",
+            "method.monitor.min_train_gain=-1.0", "method.monitor.action=stop"]
+    summary = run_recipe(Path(__file__).resolve().parent.parent / "configs" / "flow_grpo.yaml", sets)
+    assert summary["global_step"] == 1 and "drift" in summary["stopped"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-1").is_dir()  # the stop writes a checkpoint of the judged weights
+    assert (out / "eval.json").is_file() and "held-out" in summary["eval"]
+    assert json.loads((out / MONITOR_LOG).read_text().splitlines()[-1])["action"] == "stop"

@@ -249,7 +249,7 @@ class SelfNPOConfig(MethodConfig):
 
 @dataclass
 class OnlineMonitorConfig:
-    """The reward-hacking monitor of online methods (trainers/online_monitor.py): every ``every`` loss calls it
+    """The reward-hacking monitor of online methods (trainers/online_monitor.py): every ``every`` optimizer steps it
     samples a fixed validation set (``prompts`` × ``seeds``, fixed noise, ODE sampler) with the policy, scores it
     with the training reward and each ``heldout`` reward, measures the drift from the reference's samples of the
     same noise, logs all to TensorBoard (<output_dir>/logs/monitor) and monitor.jsonl, and acts (``action``) when

@@ -69,7 +69,9 @@ class FrozenCopyReference:
 
 
 class Objective(Protocol):
-    """What a method file provides: a loss on one micro-batch, with the metrics to log."""
+    """What a method file provides: a loss on one micro-batch, with the metrics to log. It may also define
+    ``before_step(gen, reference) -> str | None``, called before each optimizer step; a returned reason ends the
+    run there, cleanly (online methods' reward-hacking monitor)."""
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator,
              reference: Reference) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -80,6 +82,8 @@ class TrainResult:
     global_step: int
     output_dir: Path
     metrics: dict[str, float]
+    #: why the objective ended the run before max_train_steps (None: it ran to the end)
+    stopped: str | None = None
 
 
 def step_rng(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -268,8 +272,15 @@ class Trainer:
                    desc="training", disable=not acc.is_local_main_process)
         nonfinite_run = 0
         last: dict[str, float] = {}
+        stopped = None
         while self.global_step < cfg.max_train_steps:
             step = self.global_step
+            stopped = self._stop_requested()
+            if stopped:
+                acc.print(f"step {step}: {stopped}")
+                if cfg.checkpointing_steps:
+                    self.save_checkpoint()
+                break
             # Metrics stay on the device until the step's end: one host sync per step instead of one per value
             # (each sync stalls the GPU queue; between forward and backward that costs a launch-bound bubble).
             sums: dict[str, torch.Tensor] = {}
@@ -327,7 +338,19 @@ class Trainer:
         if cfg.report_to != "none":
             acc.end_training()
         self.gen.denoiser.eval()
-        return TrainResult(global_step=self.global_step, output_dir=self.output_dir, metrics=last)
+        return TrainResult(global_step=self.global_step, output_dir=self.output_dir, metrics=last, stopped=stopped)
+
+    def _stop_requested(self) -> str | None:
+        """The objective's ``before_step`` verdict, agreed by every rank (any rank's reason stops them all)."""
+        hook = getattr(self.objective, "before_step", None)
+        if hook is None:
+            return None
+        with self.gen.running(self.model):
+            reason = hook(self.gen, self.reference)
+        flag = torch.tensor([1.0 if reason else 0.0], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+            return None
+        return reason or "another process's objective asked to stop"
 
 
 def _shape_mismatch(name: str, saved: tuple, current: tuple) -> str:

@@ -65,11 +65,16 @@ class OnlineMethod:
     def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator, reference=None) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement sample_round")
 
+    def before_step(self, gen: Generator, reference) -> str | None:
+        """Called by the loop before each optimizer step: the monitor's evaluation (when due) of the weights that
+        step would update. A returned reason ends the run cleanly before the update."""
+        if self.monitor is None:
+            return None
+        self.monitor.step(gen, reference)
+        return self.monitor.stop_reason
+
     def current_round(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference) -> dict:
-        """What a loss call trains on: the monitor runs first (it sees the weights before this update), then a new
-        round is sampled when the last one has fed ``inner_steps`` calls."""
-        if self.monitor is not None:
-            self.monitor.step(gen, reference)
+        """What a loss call trains on: a new round is sampled when the last one has fed ``inner_steps`` calls."""
         if self.round is None or self.uses >= self.cfg.inner_steps:
             self.sample_round(gen, list(batch["prompt"]), rng, reference)
         self.uses += 1

@@ -3,8 +3,8 @@
 Online methods over-optimise the reward they train on: it keeps rising while what it was a proxy for falls (a
 brightness reward gamed while the oracle drops). The guard used in practice is to evaluate, every N steps, a fixed
 validation set with held-out rewards and the drift from the reference, and to stop when the training reward rises
-while they degrade. This file is that guard, owned by an online objective and called at each of its loss calls
-(the shared loop has no callback seam; a call is one optimizer step without gradient accumulation):
+while they degrade. This file is that guard, owned by an online objective and called by the shared loop before
+each optimizer step (``Objective.before_step``), on the weights that step would update:
 
 * the validation set is ``prompts`` × ``seeds`` with noise fixed once, sampled with the ODE (η = 0), so successive
   evaluations differ only by the weights;
@@ -12,8 +12,9 @@ while they degrade. This file is that guard, owned by an online objective and ca
   once, and the drift is the mean squared difference of policy and reference media (in [0, 1]);
 * every value goes to TensorBoard (``<output_dir>/logs/monitor``) and to ``<output_dir>/monitor.jsonl``;
 * when the training reward has risen by more than ``min_train_gain`` while a held-out reward fell by more than
-  ``max_heldout_drop`` (or the drift passed ``max_drift``) for ``patience`` evaluations in a row, it warns or raises
-  ``RewardHackingStop`` (a ``TrainingError``: the loop stops; its checkpoints so far are kept).
+  ``max_heldout_drop`` (or the drift passed ``max_drift``) for ``patience`` evaluations in a row, it warns or sets
+  ``stop_reason``: the loop then ends cleanly before the next update, and the run still writes its LoRA, a
+  checkpoint and its evaluation — of the weights the monitor judged.
 """
 
 from __future__ import annotations
@@ -27,15 +28,10 @@ import torch
 
 from diffalign.generators.base import Generator
 from trainers.config import OnlineMonitorConfig
-from trainers.loop import TrainingError
 
 logger = logging.getLogger(__name__)
 
 MONITOR_LOG = "monitor.jsonl"
-
-
-class RewardHackingStop(TrainingError):
-    """The monitor saw the training reward rise while a held-out reward or the drift passed its bound."""
 
 
 def reward_label(spec: Any) -> str:
@@ -64,6 +60,8 @@ class OnlineMonitor:
         self.history: list[dict[str, float]] = []
         self.violations = 0
         self.warnings: list[str] = []
+        #: set when ``action: stop`` fires: why the run should end
+        self.stop_reason: str | None = None
         self._noise: torch.Tensor | None = None
         self._reference_media: torch.Tensor | None = None
         self._writer = None
@@ -79,7 +77,7 @@ class OnlineMonitor:
         heldout = {reward_label(spec): load_reward(spec) for spec in cfg.heldout}
         return cls(cfg, train_reward, heldout, out_dir, seed)
 
-    # --- the hook an objective calls at each loss call ------------------------------------------------------------
+    # --- the hook the objective's before_step calls once per optimizer step ----------------------------------------
     def step(self, gen: Generator, reference) -> dict[str, float] | None:
         """Evaluate when due (the first call and every ``every`` calls after), act on the result; returns the
         evaluation's values (None when none was due)."""
@@ -156,15 +154,16 @@ class OnlineMonitor:
         self.violations = self.violations + 1 if reasons else 0
         if not reasons or self.violations < cfg.patience:
             return
-        message = (f"reward hacking at loss call {index}: training reward rose {base['train_reward']:.4f} -> "
+        message = (f"reward hacking at step {index}: training reward rose {base['train_reward']:.4f} -> "
                    f"{values['train_reward']:.4f} while " + "; ".join(reasons))
         if self.out_dir is not None:
             with open(self.out_dir / MONITOR_LOG, "a") as f:
                 f.write(json.dumps({"call": index, "action": cfg.action, "reason": message}) + "\n")
+        logger.warning(message)
         if cfg.action == "stop":
             self.close()
-            raise RewardHackingStop(message + " — stopped (method.monitor.action: stop); checkpoints so far are kept")
-        logger.warning(message)
+            self.stop_reason = message + " — stopped (method.monitor.action: stop)"
+            return
         self.warnings.append(message)
 
     def close(self) -> None:

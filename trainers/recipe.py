@@ -135,6 +135,8 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         write_attention_log(out, attention, recipe.model.attention)
         print(summary_line(attention, recipe.model.attention))
     summary: dict = {"global_step": result.global_step, "final_metrics": result.metrics}
+    if result.stopped:  # the LoRA and the evaluation below are of the weights the objective judged
+        summary["stopped"] = result.stopped
     if trainer.accelerator.is_main_process:
         if full:
             gen.save_pretrained(out / "final")
