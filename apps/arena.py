@@ -500,18 +500,25 @@ def load_arena_config(config_path: str | Path | dict, overrides: Sequence[str] =
 
 
 def serve(cfg: ArenaConfig, *, block: bool = True, port: int | None = None):
-    """Build and launch; returns (demo, arena). With ``block=False`` the caller closes ``demo``."""
+    """Build and launch; returns (demo, arena). With ``block=False`` the caller closes ``demo`` and ``arena``;
+    with ``block=True`` the battle pool's thread is stopped when the server stops (or fails to start)."""
     from apps.rest import mount_rest
 
     arena = Arena(cfg)
     if arena.pool is not None:
         arena.pool.start()  # prepare battles before the first visitor arrives
-    demo = build_arena_ui(arena)
-    exports = export_dir(arena)
-    exports.mkdir(parents=True, exist_ok=True)
-    launch(demo, cfg.server, keys=SessionKeys.beside(arena.store.path), limits=cfg.limits,
-           allowed_paths=[arena.store.media_dir, exports], block=block, port=port,
-           on_app=lambda app: mount_rest(app, arena))
+    try:
+        demo = build_arena_ui(arena)
+        exports = export_dir(arena)
+        exports.mkdir(parents=True, exist_ok=True)
+        launch(demo, cfg.server, keys=SessionKeys.beside(arena.store.path), limits=cfg.limits,
+               allowed_paths=[arena.store.media_dir, exports], block=block, port=port,
+               on_app=lambda app: mount_rest(app, arena))
+    except BaseException:  # a failed start (or Ctrl-C while blocking) leaves no pool thread behind
+        arena.close()
+        raise
+    if block:
+        arena.close()
     return demo, arena
 
 

@@ -232,3 +232,24 @@ def test_pool_rejects_bad_size(tmp_path):
         PoolConfig(per_pair=0)
     with pytest.raises(ValueError, match="per_pair"):
         BattlePool({}, [], [], None, per_pair=0)
+
+
+def _pool_threads():
+    return [t for t in threading.enumerate() if t.name == "arena-battle-pool" and t.is_alive()]
+
+
+def test_serving_stops_the_pool_thread_when_the_server_stops_or_fails_to_start(tmp_path, monkeypatch):
+    import apps.arena as arena_module
+
+    before = set(_pool_threads())
+    monkeypatch.setattr(arena_module, "launch", lambda *a, **k: None)  # a server that stops at once
+    arena_module.serve(_cfg(tmp_path / "ok"), block=True)
+    assert set(_pool_threads()) <= before
+
+    def refuse(*a, **k):
+        raise RuntimeError("the app's front door was not installed at start-up")
+
+    monkeypatch.setattr(arena_module, "launch", refuse)
+    with pytest.raises(RuntimeError, match="front door"):
+        arena_module.serve(_cfg(tmp_path / "bad"), block=True)
+    assert set(_pool_threads()) <= before
