@@ -118,6 +118,32 @@ def test_nan_guard_skips_then_stops_with_clear_message(toy, pairs, tmp_path):
     assert all(torch.isfinite(p).all() for p in gen.denoiser.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs a CUDA GPU")
+def test_fp16_run_survives_a_skipped_step(toy, pairs, tmp_path):
+    """A non-finite step under fp16 loss scaling is skipped and the next steps train (the scaler's iteration is
+    closed on the skip path)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the process-wide mixed precision of earlier tests
+    try:
+        gen = make(toy)
+
+        class NaNOnce(NaNAfter):
+            def loss(self, gen, batch, rng, reference):
+                loss, m = self.inner.loss(gen, batch, rng, reference)
+                self.calls += 1
+                return (loss * float("nan") if self.calls == 1 else loss), m
+
+        trainer = Trainer(gen, NaNOnce(DPO, start=0), pairs,
+                          cfg(max_train_steps=3, gradient_accumulation_steps=1, mixed_precision="fp16",
+                              device="cuda", checkpointing_steps=0), tmp_path)
+        before = trainable(gen)
+        assert trainer.train().global_step == 3
+        assert any(not torch.equal(before[n].cpu(), p.cpu()) for n, p in trainable(gen).items())
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 def test_full_finetune_uses_a_frozen_copy_reference(toy, pairs, tmp_path):
     gen = make(toy, lora=False)
     trainer = Trainer(gen, DPO, pairs, cfg(max_train_steps=2), tmp_path, full_finetune=True)

@@ -304,6 +304,11 @@ class Trainer:
             ok = self._all_finite(checked)
             if not ok:
                 self.optimizer.zero_grad(set_to_none=True)
+                scaler = getattr(acc, "scaler", None)
+                if scaler is not None and grad_norm is not None:
+                    # fp16: clipping unscaled the gradients and recorded the overflow; the skipped step must still
+                    # close the scaler's iteration (and lower its scale), or the next unscale_ refuses to run
+                    scaler.update()
                 nonfinite_run += 1
                 logger.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
                                nonfinite_run)
