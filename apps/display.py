@@ -10,7 +10,6 @@ Video, audio and 3D files are served as they are (their players and viewer size 
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -19,10 +18,11 @@ from pathlib import Path
 from PIL import Image
 
 from apps.store import VoteStore
+from diffalign.media import enlarge_nearest
 
-#: the smallest side an image is shown at, in CSS pixels
+#: the smallest side an image is shown at, in CSS pixels (larger images are left alone: already readable)
 MIN_DISPLAY_PX = 256
-#: larger images are left alone: they are already readable, and enlarging costs memory for nothing
+#: where enlarged copies live, inside the store's media folder
 _DISPLAY_DIR = "display"
 
 
@@ -55,11 +55,9 @@ class DisplayMedia:
             return target
         with Image.open(original) as img:
             img.load()
-            factor = math.ceil(self.min_px / max(1, min(img.width, img.height)))
-            if factor <= 1:
+            if min(img.width, img.height) >= self.min_px:
                 return original
-            big = img.convert("RGBA" if "A" in img.getbands() else "RGB").resize(
-                (img.width * factor, img.height * factor), Image.NEAREST)
+            big = enlarge_nearest(img.convert("RGBA" if "A" in img.getbands() else "RGB"), self.min_px)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
         try:

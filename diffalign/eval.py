@@ -57,17 +57,23 @@ def score_grid(reward: Scorer, images: torch.Tensor, prompts: Sequence[str]) -> 
 TIE_BAND = 0.01
 
 
-def outcomes(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> tuple[int, int, int]:
-    """(wins, ties, losses) of tuned over base, paired element by element; |Δ| < ``tie_band`` is a tie."""
+def outcome_values(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> torch.Tensor:
+    """Per paired sample, in ``tuned``'s shape: 1 (tuned won), ½ (tie: |Δ| < ``tie_band``, or exactly equal even
+    with a band of 0), 0 (lost). Their mean is the win-rate; every count, chart and colour is built on this."""
     if tuned.shape != base.shape:
         raise ValueError(f"paired scores differ in shape: tuned {tuple(tuned.shape)} vs base {tuple(base.shape)}")
     if tie_band < 0:
         raise ValueError(f"tie_band must be >= 0, got {tie_band}")
-    diff = (tuned.double() - base.double()).reshape(-1)
-    tie = (diff.abs() < tie_band) | (diff == 0)  # an exact tie is a tie even with a band of 0
-    wins = int(((diff > 0) & ~tie).sum())
-    ties = int(tie.sum())
-    return wins, ties, diff.numel() - wins - ties
+    diff = tuned.double() - base.double()
+    tie = (diff.abs() < tie_band) | (diff == 0)
+    return torch.where(tie, torch.full_like(diff, 0.5), (diff > 0).double())
+
+
+def outcomes(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> tuple[int, int, int]:
+    """(wins, ties, losses) of tuned over base, paired element by element; |Δ| < ``tie_band`` is a tie."""
+    values = outcome_values(tuned, base, tie_band)
+    wins, ties = int((values == 1).sum()), int((values == 0.5).sum())
+    return wins, ties, values.numel() - wins - ties
 
 
 def win_rate(tuned: torch.Tensor, base: torch.Tensor, tie_band: float = TIE_BAND) -> float:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from diffalign.eval import outcome_values
 from diffalign.media import tensor_to_pil
 
 _LABEL_W = 44
@@ -47,6 +48,7 @@ def labelled_grid(prompts: Sequence[str], base: torch.Tensor, tuned: torch.Tenso
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((_PAD, 0), title, fill=_INK, font=font)
+    won = outcome_values(tuned_scores, base_scores, tie_band)  # [P, S]: 1 / ½ / 0
     for i, prompt in enumerate(prompts):
         y = top + i * block_h
         draw.text((_PAD, y), prompt, fill=_INK, font=font)
@@ -58,10 +60,7 @@ def labelled_grid(prompts: Sequence[str], base: torch.Tensor, tuned: torch.Tenso
                 x = _LABEL_W + j * (cw + _PAD)
                 canvas.paste(_cell(images[i, j], cell), (x, ry))
                 value = float(scores[i, j])
-                colour = _INK
-                if label == "tuned":
-                    delta = value - float(base_scores[i, j])
-                    colour = _WIN if delta >= tie_band else _LOSS if delta <= -tie_band else _INK
+                colour = _INK if label == "base" else {1.0: _WIN, 0.0: _LOSS}.get(float(won[i, j]), _INK)
                 draw.text((x, ry + ch + 1), f"{value:.2f}", fill=colour, font=font)
     return canvas
 

@@ -20,6 +20,16 @@ class MediaError(ValueError):
     """Input that is not media of the expected kind."""
 
 
+def enlarge_nearest(img: Image.Image, min_px: int) -> Image.Image:
+    """``img`` enlarged by the smallest whole factor that makes its shorter side at least ``min_px``, with
+    nearest-neighbour sampling so every pixel stays a sharp block (tiny samples shown at a readable size);
+    returned as it is when already large enough."""
+    factor = math.ceil(min_px / max(1, min(img.width, img.height)))
+    if factor <= 1:
+        return img
+    return img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+
+
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """PIL -> uint8 [3, H, W] (RGB)."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
-from diffalign.eval import EvalReport, bootstrap_ci
-from diffalign.media import encode_image_bytes, filmstrip, tensor_to_pil
+from diffalign.eval import EvalReport, bootstrap_ci, outcome_values
+from diffalign.media import encode_image_bytes, enlarge_nearest, filmstrip, tensor_to_pil
 
 #: smallest side, in pixels, an image is enlarged to (by whole multiples, nearest-neighbour)
 THUMB_PX = 96
@@ -87,10 +86,7 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 def image_data_uri(image: torch.Tensor, min_px: int = THUMB_PX) -> tuple[str, int, int]:
     """[C, H, W] in [0, 1] -> (PNG data URI, width, height), enlarged by a whole factor (nearest-neighbour) until
     the shorter side is at least ``min_px``, so small samples stay sharp at a readable size."""
-    pil = tensor_to_pil(image.detach().float().clamp(0, 1).cpu())
-    factor = max(1, math.ceil(min_px / max(1, min(pil.width, pil.height))))
-    if factor > 1:
-        pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
+    pil = enlarge_nearest(tensor_to_pil(image.detach().float().clamp(0, 1).cpu()), min_px)
     data = base64.b64encode(encode_image_bytes(pil, "PNG")).decode("ascii")
     return f"data:image/png;base64,{data}", pil.width, pil.height
 
@@ -104,13 +100,6 @@ def _previewable(media: torch.Tensor | None) -> torch.Tensor | None:
     if media.dim() == 5 and media.shape[2] in (1, 3):
         return media
     return None
-
-
-def outcome_values(tuned: torch.Tensor, base: torch.Tensor, tie_band: float) -> torch.Tensor:
-    """Per paired sample: 1 (tuned won beyond the tie band), ½ (tie), 0 (lost); their mean is ``win_rate``."""
-    diff = (tuned.double() - base.double()).reshape(-1)
-    tie = (diff.abs() < tie_band) | (diff == 0)
-    return torch.where(tie, torch.full_like(diff, 0.5), (diff > 0).double())
 
 
 # --- charts ---------------------------------------------------------------------------------------------------------
@@ -218,6 +207,7 @@ def _grid_html(split: SplitResult, per_prompt: int, tie_band: float) -> str:
         return "<p class='note'>No preview for this modality; the numbers above are computed from the samples.</p>"
     n = min(per_prompt, media_b.shape[1])
     blocks = []
+    won = outcome_values(split.tuned_scores, split.base_scores, tie_band)  # [P, S]: 1 / ½ / 0
     for i, prompt in enumerate(split.prompts):
         rows = []
         for label, media, scores in (("base", media_b, split.base_scores), ("tuned", media_t, split.tuned_scores)):
@@ -225,10 +215,7 @@ def _grid_html(split: SplitResult, per_prompt: int, tie_band: float) -> str:
             for j in range(n):
                 uri, w, h = image_data_uri(media[i, j])
                 value = float(scores[i, j])
-                cls = ""
-                if label == "tuned":
-                    delta = value - float(split.base_scores[i, j])
-                    cls = " win" if delta >= tie_band else " loss" if delta <= -tie_band else ""
+                cls = "" if label == "base" else {1.0: " win", 0.0: " loss"}.get(float(won[i, j]), "")
                 cells.append(f"<td><img src='{uri}' width='{w}' height='{h}' alt='{label}, seed {j}: reward "
                              f"{value:.3f}'><div class='score{cls}'>{value:.3f}</div></td>")
             rows.append(f"<tr><th scope='row'>{label}</th>{''.join(cells)}</tr>")
@@ -303,4 +290,4 @@ def write_report_html(out_dir: str | Path, sections: Sequence[ReportSection], me
 
 
 __all__ = ["ReportSection", "SplitResult", "render_report_html", "write_report_html", "histogram_svg",
-           "win_rate_bars_svg", "image_data_uri", "outcome_values"]
+           "win_rate_bars_svg", "image_data_uri"]

@@ -9,9 +9,8 @@ import shutil
 import pytest
 import torch
 
-from diffalign.eval import compare
-from diffalign.report_html import (ReportSection, SplitResult, outcome_values, render_report_html,
-                                   write_report_html)
+from diffalign.eval import compare, outcome_values
+from diffalign.report_html import ReportSection, SplitResult, render_report_html, write_report_html
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -65,6 +64,14 @@ def test_numbers_shown_are_the_reports():
             t, b = float(split.tuned_scores[i, j]), float(split.base_scores[i, j])
             cls = "score win" if t - b >= rep.tie_band else "score loss" if t - b <= -rep.tie_band else "score"
             assert f"<div class='{cls}'>{t:.3f}</div>" in page
+
+
+def test_an_exact_tie_is_not_coloured_a_win_even_with_a_zero_tie_band():
+    split = _split("held-out", ["a red circle"], seeds=2, shift=0.0)
+    split.tuned_scores[0, 0] = split.base_scores[0, 0]  # an exact tie
+    split.report.tie_band = 0.0
+    page = render_report_html([ReportSection("r", [split])], per_prompt=2)
+    assert f"<div class='score'>{float(split.tuned_scores[0, 0]):.3f}</div>" in page
 
 
 def test_outcome_values_average_to_the_win_rate():
