@@ -138,8 +138,7 @@ def _check_preprocess(cls: type[RewardModel], name: str, kwargs: dict) -> None:
         return
     modes = tuple(getattr(cls, "preprocess_modes", ()))
     if mode not in modes:
-        offered = sorted(n for n in _BUILTIN if n in ("hpsv2", "hpsv2.1", "pickscore", "clipscore", "aesthetic",
-                                                      "imagereward"))
+        offered = _offering("exact")
         if modes:
             raise ValueError(f"reward {name!r}: preprocess must be one of {', '.join(modes)}, got {mode!r}")
         if mode == "fast":  # the only path there is
@@ -147,3 +146,17 @@ def _check_preprocess(cls: type[RewardModel], name: str, kwargs: dict) -> None:
             return
         raise ValueError(f"reward {name!r} has no preprocess={mode!r} option (its preprocessing is its own); "
                          f"the CLIP/BLIP-family rewards offer 'exact': {', '.join(offered)}")
+
+
+def _offering(mode: str) -> list[str]:
+    """The rewards whose class lists ``mode`` in ``preprocess_modes`` (for an error message: imports each class,
+    skipping any whose optional extra is missing)."""
+    names = []
+    for name in list_rewards():
+        try:
+            cls = reward_class(name)
+        except ImportError:
+            continue
+        if mode in getattr(cls, "preprocess_modes", ()):
+            names.append(name)
+    return names

@@ -1,10 +1,10 @@
 """Several rewards as one: the weighted sum r = Σ wᵢ·rᵢ, with every member's own score kept.
 
-This is the multi-reward objective of online RL recipes (e.g. flow_grpo's weighted reward dictionaries): raw
-scores are summed, so a weight is also a unit conversion between rewards of different scales. ``per_dim`` holds
-each member's score under its name (and a multi-dimensional member's dimensions as ``name.dim``), which is how
-``diffalign score`` writes one column per reward and evaluation reports each reward separately. Synthetic
-preference data combines the same members on z-scores instead (``ensemble_members``; see
+This is the multi-reward objective of online RL (a weighted sum of reward models, as in Flow-GRPO, Liu et al.
+2025): raw scores are summed, so a weight is also a unit conversion between rewards of different scales.
+``per_dim`` holds each member's score under its name (and a multi-dimensional member's dimensions as
+``name.dim``), which is how ``diffalign score`` writes one column per reward and evaluation reports each reward
+separately. Synthetic preference data combines the same members on z-scores instead (``ensemble_members``; see
 ``diffalign.data.synth``).
 """
 
