@@ -71,6 +71,23 @@ def test_resume_gives_identical_weights(toy, pairs, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_dataloader_workers_feed_the_same_batches_and_resume(toy, pairs, tmp_path):
+    """Two DataLoader workers decoding ahead give the weights of decoding in the loop, bit for bit, also across a
+    resume (the rows of every micro-batch are a function of seed, step, micro-step and rank)."""
+    inline = make(toy)
+    Trainer(inline, DPO, pairs, cfg(), tmp_path / "a", seed=3).train()
+    first = make(toy)
+    Trainer(first, DPO, pairs, cfg(max_train_steps=4, dataloader_num_workers=2), tmp_path / "b", seed=3).train()
+    resumed = make(toy)
+    Trainer(resumed, DPO, pairs, cfg(resume_from_checkpoint="latest", dataloader_num_workers=2), tmp_path / "b",
+            seed=3).train()
+    a, b = trainable(inline), trainable(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="train.dataloader_num_workers"):
+        cfg(dataloader_num_workers=-1)
+
+
 def test_interrupted_checkpoint_write_keeps_last_good_one(toy, pairs, tmp_path, monkeypatch):
     gen = make(toy)
     trainer = Trainer(gen, DPO, pairs, cfg(max_train_steps=4), tmp_path, seed=1)

@@ -119,6 +119,9 @@ class TrainConfig:
     #: stop after this many non-finite losses/gradients in a row
     max_nonfinite_steps: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: DataLoader worker processes that read and decode the next micro-batches while the step runs (0 = decode on
+    #: the training process); the batches are the same either way
+    dataloader_num_workers: int = 0
 
     def __post_init__(self):
         """Sizes and step counts checked when the recipe loads: a zero batch fails deep in the loss, and a
@@ -128,7 +131,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{key} must be a whole number ≥ 1, got {value!r}")
-        for key in ("lr_warmup_steps", "checkpointing_steps"):  # 0 = none / never
+        for key in ("lr_warmup_steps", "checkpointing_steps", "dataloader_num_workers"):  # 0 = none / never
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"train.{key} must be a whole number ≥ 0, got {value!r}")

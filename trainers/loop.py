@@ -20,7 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -101,6 +101,35 @@ def batch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
             epoch_cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 31 * epoch)).tolist()
         out.append(epoch_cache[epoch][i % n])
     return out
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of a run, k = 0, 1, … from ``first_step`` to ``last_step`` (A per step), as one item: which
+    rows it holds and the epoch of each is a function of (seed, step, micro, rank) alone, so any process — a
+    DataLoader worker too — builds the same batch, and a resumed run continues the same stream."""
+
+    def __init__(self, dataset, collate, seed: int, per_rank: int, accumulation: int, world: int, rank: int,
+                 first_step: int, last_step: int):
+        self.dataset, self.collate, self.seed = dataset, collate, seed
+        self.per_rank, self.accumulation, self.world, self.rank = per_rank, accumulation, world, rank
+        self.first_step, self.last_step = first_step, last_step
+
+    def __len__(self) -> int:
+        return max(0, self.last_step - self.first_step) * self.accumulation
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        step, micro = divmod(self.first_step * self.accumulation + k, self.accumulation)
+        return self.load(step, micro)
+
+    def load(self, step: int, micro: int) -> dict[str, Any]:
+        start = ((step * self.accumulation + micro) * self.world + self.rank) * self.per_rank
+        n = len(self.dataset)
+        rows = batch_indices(n, self.seed, start, self.per_rank)
+        at = getattr(self.dataset, "at", None)  # datasets with per-epoch augmentation (random crop/flip)
+        items = [at(i, (start + k) // n) for k, i in enumerate(rows)] if at else [self.dataset[i] for i in rows]
+        return self.collate(items)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -245,16 +274,23 @@ class Trainer:
         self.accelerator.print(f"resumed from {path} at step {self.global_step}")
 
     # --- the loop ---------------------------------------------------------------------------------------------
-    def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+    def _micro_batches(self) -> MicroBatches:
         acc, cfg = self.accelerator, self.cfg
-        per_rank = cfg.train_batch_size
-        global_batch = per_rank * acc.num_processes
-        start = (step * cfg.gradient_accumulation_steps + micro) * global_batch + acc.process_index * per_rank
-        n = len(self.dataset)
-        rows = batch_indices(n, self.seed, start, per_rank)
-        at = getattr(self.dataset, "at", None)  # datasets with per-epoch augmentation (random crop/flip)
-        items = [at(i, (start + k) // n) for k, i in enumerate(rows)] if at else [self.dataset[i] for i in rows]
-        return self.collate(items)
+        return MicroBatches(self.dataset, self.collate, self.seed, cfg.train_batch_size, cfg.gradient_accumulation_steps,
+                            acc.num_processes, acc.process_index, self.global_step, cfg.max_train_steps)
+
+    def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+        return self._micro_batches().load(step, micro)
+
+    def _batch_stream(self) -> Iterator[dict[str, Any]]:
+        """The run's micro-batches from the current step on, in order: decoded on this process, or ahead of the
+        step by ``dataloader_num_workers`` DataLoader workers (same rows, same order, so results do not change)."""
+        batches = self._micro_batches()
+        if self.cfg.dataloader_num_workers == 0:
+            return iter(batches)
+        return iter(torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False,
+                                                num_workers=self.cfg.dataloader_num_workers,
+                                                pin_memory=self.accelerator.device.type == "cuda"))
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=self.accelerator.device)
@@ -273,6 +309,7 @@ class Trainer:
         nonfinite_run = 0
         last: dict[str, float] = {}
         stopped = None
+        stream = self._batch_stream()
         while self.global_step < cfg.max_train_steps:
             step = self.global_step
             stopped = self._stop_requested()
@@ -285,7 +322,7 @@ class Trainer:
             # (each sync stalls the GPU queue; between forward and backward that costs a launch-bound bubble).
             sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.gradient_accumulation_steps):
-                batch = self._micro_batch(step, micro)
+                batch = next(stream)
                 rng = step_rng(self.seed, step, micro, acc.process_index)
                 sync = micro == cfg.gradient_accumulation_steps - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
