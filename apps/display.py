@@ -10,14 +10,13 @@ Video, audio and 3D files are served as they are (their players and viewer size 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 from PIL import Image
 
 from apps.store import VoteStore
+from diffalign.atomic import atomic_path
 from diffalign.media import enlarge_nearest
 
 #: the smallest side an image is shown at, in CSS pixels (larger images are left alone: already readable)
@@ -58,16 +57,8 @@ class DisplayMedia:
             if min(img.width, img.height) >= self.min_px:
                 return original
             big = enlarge_nearest(img.convert("RGBA" if "A" in img.getbands() else "RGB"), self.min_px)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                big.save(fh, format="PNG")
-            os.replace(tmp, target)  # atomic: a concurrent reader sees the old state or the whole file
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(target) as tmp:  # a concurrent reader sees no file or the whole one
+            big.save(tmp, format="PNG")
         return target
 
 

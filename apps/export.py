@@ -9,11 +9,10 @@ is written to a temporary name and moved into place, so a crash never leaves a h
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from apps.store import VoteStore
+from diffalign.atomic import atomic_path
 
 LABELS = {"model_a": (1.0, 0.0), "model_b": (0.0, 1.0), "tie": (0.5, 0.5), "tie (bothbad)": (0.5, 0.5)}
 #: media column prefix per stored kind (images keep Pick-a-Pic's name whatever the encoding)
@@ -93,14 +92,6 @@ def export_votes(db: str | Path, out: str | Path, exclude_flagged: bool = False,
         table = pa.table(columns, schema=schema)
     finally:
         store.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:  # fsync + rename: a crash leaves the previous export, never half of one
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out

@@ -1,4 +1,4 @@
-"""Writing generated media to files: videos (GIF with Pillow, MP4 with PyAV), waveforms (WAV, standard library)
+"""Writing generated media to files: videos (GIF with Pillow, MP4 with PyAV), waveforms (WAV, PyAV or the standard library)
 and meshes (OBJ with vertex colours, which ``gr.Model3D`` and three.js display).
 
 Every writer goes through ``diffalign.atomic``: an interrupted save never leaves a truncated file under the final
@@ -65,7 +65,8 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path
 
 
 def save_wav(waveform: torch.Tensor, path: str | Path, sample_rate: int) -> Path:
-    """Waveform [T] or [channels, T] (float, clipped to [-1, 1]) -> 16-bit PCM WAV."""
+    """Waveform [T] or [channels, T] (float, clipped to [-1, 1]) -> 16-bit PCM WAV, encoded with PyAV (the
+    ``[vlm]`` extra) or, without it, the standard library's ``wave``."""
     if not isinstance(waveform, torch.Tensor) or waveform.dim() not in (1, 2) or waveform.shape[-1] < 1:
         shape = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise MediaError(f"waveform must be a tensor [T] or [channels, T]; got {shape}")
@@ -73,11 +74,25 @@ def save_wav(waveform: torch.Tensor, path: str | Path, sample_rate: int) -> Path
         raise MediaError(f"sample_rate must be positive, got {sample_rate}")
     path = Path(path)
     w = waveform.detach().float().cpu().clamp(-1, 1).reshape(-1, waveform.shape[-1]).numpy()
-    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as f:
-        f.setnchannels(w.shape[0])
-        f.setsampwidth(2)
-        f.setframerate(int(sample_rate))
-        f.writeframes(np.round(w.T * 32767).astype("<i2").tobytes())
+    pcm = np.round(w.T * 32767).astype("<i2")  # [T, channels], interleaved
+    try:
+        import av
+    except ImportError:  # the fallback without the [vlm] extra: the standard library writes the same PCM WAV
+        with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as f:
+            f.setnchannels(w.shape[0])
+            f.setsampwidth(2)
+            f.setframerate(int(sample_rate))
+            f.writeframes(pcm.tobytes())
+        return path
+    layout = {1: "mono", 2: "stereo"}.get(w.shape[0], f"{w.shape[0]}c")
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=int(sample_rate), layout=layout)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = int(sample_rate)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
     return path
 
 

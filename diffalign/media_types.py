@@ -7,7 +7,6 @@ place user input is checked, so every reward rejects the wrong modality with the
 
 from __future__ import annotations
 
-import math
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any, Sequence
 import numpy as np
 
 import torch
-import torch.nn.functional as F
 
 from diffalign.media import MediaError
 
@@ -206,17 +204,44 @@ def load_video(path: str | Path) -> Video:
 
 
 def load_wav(path: str | Path) -> Audio:
-    """Read a PCM WAV file (8/16/32-bit, any channel count) with the standard library; channels are averaged."""
+    """Read an audio file into a mono ``Audio`` at its own rate (channels averaged). Decoded with PyAV (the
+    ``[vlm]`` extra): WAV of any sample format, FLAC, MP3, Ogg, …; without PyAV, PCM WAV (8/16/32-bit) only, with
+    the standard library."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio not found: {path}")
+    try:
+        import av
+    except ImportError:
+        return _load_pcm_wav(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            to_float = av.AudioResampler(format="fltp")  # any sample format -> float planar [channels, n]
+            chunks = [g.to_ndarray() for f in container.decode(stream) for g in to_float.resample(f)]
+            chunks += [g.to_ndarray() for g in to_float.resample(None)]
+            rate = int(stream.rate or stream.codec_context.sample_rate)
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV raises many error types for bad files
+        raise MediaError(f"{path}: undecodable audio ({type(exc).__name__}: {exc}); decode it yourself and pass "
+                         "Audio(waveform, rate)") from exc
+    if not chunks:
+        raise MediaError(f"{path}: no audio samples")
+    return Audio(torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), rate)
+
+
+def _load_pcm_wav(path: Path) -> Audio:
+    """The fallback reader when PyAV is not installed."""
     try:
         with wave.open(str(path), "rb") as f:
             rate, width, channels = f.getframerate(), f.getsampwidth(), f.getnchannels()
             raw = f.readframes(f.getnframes())
     except (wave.Error, EOFError) as exc:
-        raise MediaError(f"{path}: not a PCM WAV file ({exc}); decode it yourself and pass "
-                         "Audio(waveform, rate)") from exc
+        raise MediaError(f"{path}: not a PCM WAV file ({exc}); install PyAV (pip install 'diffalign[vlm]') to "
+                         "read other formats, or pass Audio(waveform, rate)") from exc
     if width == 1:
         data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):
@@ -236,10 +261,36 @@ def uniform_indices(num_src: int, num: int) -> list[int]:
     return [int(round(i * (num_src - 1) / (num - 1))) for i in range(num)]
 
 
-def resample_linear(waveform: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
-    """Resample [T] by linear interpolation (differentiable). Coarser than a polyphase filter; rewards call it
-    only when the caller's rate differs from the model's, and say so in their docs."""
+def resample(waveform: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
+    """Band-limited, differentiable resampling of [..., T] from ``sr_in`` to ``sr_out`` Hz, ceil(T·sr_out/sr_in)
+    samples out.
+
+    With torchaudio (the ``[audio]`` extra) this is ``torchaudio.functional.resample`` — windowed-sinc
+    interpolation (Smith, "Digital Audio Resampling"), low-passed below the lower Nyquist rate so content above
+    it is removed instead of aliased. Without torchaudio, the same band limit is applied in the frequency domain
+    (keep the rfft bins both rates share, inverse rfft at the new length), which treats the clip as periodic:
+    exact for the band, but the clip's two ends leak into each other over a few samples."""
+    sr_in, sr_out = int(sr_in), int(sr_out)
+    if sr_in <= 0 or sr_out <= 0:
+        raise MediaError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
     if sr_in == sr_out:
         return waveform
-    n_out = max(1, int(math.floor(waveform.shape[-1] * sr_out / sr_in)))
-    return F.interpolate(waveform.reshape(1, 1, -1), size=n_out, mode="linear", align_corners=False).reshape(-1)
+    try:
+        import torchaudio.functional as AF
+    except ImportError:
+        return _resample_fft(waveform, sr_in, sr_out)
+    return AF.resample(waveform, sr_in, sr_out)
+
+
+def _resample_fft(waveform: torch.Tensor, sr_in: int, sr_out: int) -> torch.Tensor:
+    n_in = waveform.shape[-1]
+    n_out = max(1, -(-n_in * sr_out // sr_in))
+    spec = torch.fft.rfft(waveform, dim=-1)
+    keep = min(spec.shape[-1], n_out // 2 + 1)
+    out = spec.new_zeros(*spec.shape[:-1], n_out // 2 + 1)
+    out[..., :keep] = spec[..., :keep]
+    if n_out < n_in and n_out % 2 == 0:  # the new Nyquist bin holds a real cosine: keep its real part only
+        out[..., -1] = out[..., -1].real.to(out.dtype)
+    elif n_out > n_in and n_in % 2 == 0:  # the old Nyquist bin's energy is split over ±f at the new length
+        out[..., n_in // 2] *= 0.5
+    return torch.fft.irfft(out, n=n_out, dim=-1) * (n_out / n_in)

@@ -5,7 +5,8 @@ differentiable with respect to the waveform; the features equal the extractors' 
 deliberate departures from the extractors, both to keep scores deterministic and batch-independent: CLAP's
 "fusion" crops of long audio are taken at fixed positions (start of the front third, centre of the middle third,
 end of the back third) instead of random ones, and its ``is_longer`` flag is the clip's own (the extractor flips
-a random clip to True when none is long). A waveform at another sample rate is resampled linearly.
+a random clip to True when none is long). A waveform at another sample rate is resampled with a band-limited filter
+(``diffalign.media_types.resample``: torchaudio's windowed sinc with the ``[audio]`` extra).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffalign.media_types import Audio, as_audio_batch, resample_linear
+from diffalign.media_types import Audio, as_audio_batch, resample
 from rewards.base import RewardInputError, RewardModel, RewardOutput
-from rewards.vlm_qwen import DEFAULT_SYSTEM, AnswerScorer, from_pretrained_strict
+from rewards.vlm_answer import AnswerScorer
+from rewards.vlm_chat import DEFAULT_SYSTEM
+from rewards.vlm_checkpoint import from_pretrained_strict
 
 SCALE_1_TO_10 = tuple(str(i) for i in range(1, 11))
 
@@ -66,7 +69,7 @@ class CLAPScore(RewardModel):
 
     def features(self, audio: Audio) -> tuple[torch.Tensor, bool]:
         """One clip -> (input features [1 or 4, frames, mels], is_longer)."""
-        w = resample_linear(audio.waveform.to(self.mel_filters.device).float(), audio.sample_rate, self.sampling_rate)
+        w = resample(audio.waveform.to(self.mel_filters.device).float(), audio.sample_rate, self.sampling_rate)
         m = self.max_samples
         if w.shape[0] > m:
             if not self.fusion:  # centre crop (the extractor crops at random)
@@ -192,7 +195,7 @@ class QwenAudio(AnswerScorer, torch.nn.Module):
                 if isinstance(seg, str):
                     ids += self.text_ids(seg)
                 elif isinstance(seg, Speech):
-                    w = resample_linear(seg.waveform.to(device).float(), seg.sample_rate, self.sampling_rate)
+                    w = resample(seg.waveform.to(device).float(), seg.sample_rate, self.sampling_rate)
                     mel, n = self.log_mel(w)
                     n_tok = (((n - 1) // 2 + 1) - 2) // 2 + 1
                     if n_tok < 2:

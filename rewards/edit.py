@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffalign.media import MediaError, as_image_batch
-from rewards.base import RewardInputError, RewardModel, RewardOutput
+from rewards.base import CheckpointError, RewardInputError, RewardModel, RewardOutput
+from rewards.vlm_chat import read_chat_template
+from rewards.vlm_checkpoint import (check_keys, load_state_dict_file, no_init, read_preprocessor_config,
+                                    to_current_layout)
+from rewards.vlm_pixels import CLIP_MEAN, CLIP_STD, Visual
 from rewards.vlm_prompts import EDIT_PROMPTS
-from rewards.vlm_qwen import (CLIP_MEAN, CLIP_STD, CheckpointError, QwenVL, Visual, check_keys, load_state_dict_file,
-                              no_init, to_current_layout)
+from rewards.vlm_qwen import QwenVL
 
 REWARD_TOKEN = "<|Reward|>"
 
@@ -148,9 +151,8 @@ class EditReward(RewardModel):
             model.tie_weights()
         if dtype is not None:
             model = model.to(dtype)
-        from rewards.vlm_qwen import read_preprocessor_config
-
-        vlm = QwenVL.from_model(model, tokenizer, preprocessor=read_preprocessor_config(path))
+        vlm = QwenVL.from_model(model, tokenizer, preprocessor=read_preprocessor_config(path),
+                               chat_template=read_chat_template(path, tokenizer))
         return cls(vlm, head.float().eval(), **kw)
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffalign.media_types import MultiView, as_multiview_batch
-from rewards.base import RewardInputError, RewardModel, RewardOutput
+from rewards.base import CheckpointError, RewardInputError, RewardModel, RewardOutput
 from rewards.edit import clip_preprocess
-from rewards.vlm_qwen import CheckpointError, check_keys, from_pretrained_strict, load_state_dict_file, no_init
+from rewards.vlm_checkpoint import check_keys, from_pretrained_strict, load_state_dict_file, no_init
 
 
 def view_grid(views: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rewards.base import RewardInputError, RewardModel, RewardOutput
-from rewards.vlm_qwen import QwenVL, Visual
+from rewards.vlm_pixels import Visual
+from rewards.vlm_qwen import QwenVL
 
 POINTWISE_QUESTION = ("How good is this image as a picture of \"{prompt}\"? Consider how well it matches the "
                       "description and its visual quality. Rate it on a scale from 1 to 10, where 1 is very poor "

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from rewards.vlm_chat import QWEN2VL_CHAT_TEMPLATE
+
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>")
 _CORPUS = [
@@ -41,6 +43,7 @@ def tiny_qwen_tokenizer(extra_special: Sequence[str] = (), vocab_size: int = 300
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     extra = [t for t in (*QWEN_SPECIAL[1:], *extra_special)]
     fast.add_special_tokens({"additional_special_tokens": extra})
+    fast.chat_template = QWEN2VL_CHAT_TEMPLATE  # released Qwen2-VL tokenizers ship their chat template
     return fast
 
 

@@ -2,7 +2,8 @@
 
 Loads the released layout: ``model_config.json`` (data/model/LoRA/inference configs), ``tokenizer/`` and a
 ``model.pth`` (at the top or in ``checkpoint-<step>/``) holding the full PEFT-wrapped state dict. The LoRA deltas
-are merged into the base weights at load time (W = W₀ + α/r · B·A), so scoring needs no peft wrapper; names of
+are merged into the base weights at load time with peft's ``merge_and_unload`` (W = W₀ + α/r · B·A), so scoring
+needs no peft wrapper; names of
 transformers < 4.52 are mapped to the current layout. The base model's ``config.json`` is not part of the
 release: it is read from the checkpoint folder, from ``model_name_or_path`` when that is a local folder, or from
 ``base_model=`` (a local Qwen2-VL-2B-Instruct folder).
@@ -18,10 +19,13 @@ from typing import Any
 import torch
 
 from diffalign.media_types import Video, as_video_batch, uniform_indices
-from rewards.base import RewardModel, RewardOutput
+from rewards.base import CheckpointError, RewardModel, RewardOutput
+from rewards.vlm_chat import read_chat_template
+from rewards.vlm_checkpoint import (check_keys, load_state_dict_file, merge_lora, no_init, split_peft_state_dict,
+                                    to_current_layout)
+from rewards.vlm_pixels import Visual
 from rewards.vlm_prompts import VIDEOREWARD_TEMPLATE
-from rewards.vlm_qwen import (CheckpointError, QwenVL, Visual, check_keys, load_state_dict_file, merge_peft, no_init,
-                              to_current_layout)
+from rewards.vlm_qwen import QwenVL
 
 SPECIAL_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 DEFAULT_NORM = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
@@ -128,20 +132,16 @@ class VideoReward(RewardModel):
         if missing_tok:
             tokenizer.add_special_tokens({"additional_special_tokens": missing_tok})
 
-        sd = load_state_dict_file(weights)
-        if any(".lora_A." in k for k in sd):
+        sd, lora = split_peft_state_dict(load_state_dict_file(weights))
+        if lora:
             for key in ("lora_r", "lora_alpha"):
                 if key not in lora_cfg:
                     raise CheckpointError(f"{cfg_file}: peft_lora_config.{key} is missing but {weights} has "
                                           "LoRA weights")
-            scaling = float(lora_cfg["lora_alpha"]) / float(lora_cfg["lora_r"])
-        else:
-            scaling = 0.0
-        sd = merge_peft(sd, scaling)
         head_w = sd.pop("rm_head.weight", None)
         if head_w is None:
             raise CheckpointError(f"{weights}: missing key rm_head.weight (the reward head)")
-        sd = to_current_layout(sd)
+        sd, lora = to_current_layout(sd), to_current_layout(lora)
 
         config = AutoConfig.from_pretrained(str(base), local_files_only=True)
         with no_init():
@@ -156,6 +156,8 @@ class VideoReward(RewardModel):
                    allow_missing={"lm_head.weight"} if tied else ())
         if tied:
             model.tie_weights()
+        if lora:
+            model = merge_lora(model, lora, rank=lora_cfg["lora_r"], alpha=lora_cfg["lora_alpha"], source=weights)
         if dtype is not None:
             model = model.to(dtype)
         head = torch.nn.Linear(head_w.shape[1], head_w.shape[0], bias=False)
@@ -164,7 +166,7 @@ class VideoReward(RewardModel):
         if head_w.shape[0] * len(special) != 3:
             raise CheckpointError(f"{weights}: rm_head.weight {tuple(head_w.shape)} with {len(special)} special "
                                   "tokens does not give the 3 outputs VQ, MQ, TA")
-        vlm = QwenVL.from_model(model, tokenizer)
+        vlm = QwenVL.from_model(model, tokenizer, chat_template=read_chat_template(tok_dir, tokenizer))
         norm = ({**DEFAULT_NORM, **infer_cfg} if infer_cfg else None) if use_norm else None
         template_file = path / "prompt_template.txt"
         if "template" not in kw and template_file.is_file():

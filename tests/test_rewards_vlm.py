@@ -169,3 +169,140 @@ def test_missing_weights_are_an_error_not_a_random_init(folder, tmp_path):
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"bad.*missing keys.*layers\.1\.mlp\.up_proj\.weight"):
         load_reward("vlm-judge", checkpoint=bad)
+
+
+def _flatten(segments):
+    """Rendered segments -> the prompt text, each visual as the processor's placeholder."""
+    from rewards.vlm_chat import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
+    return "".join(s if isinstance(s, str) else (IMAGE_PLACEHOLDER if s.kind == "image" else VIDEO_PLACEHOLDER)
+                   for s in segments)
+
+
+def test_chat_prompt_is_the_processor_chat_template(folder, hf):
+    _, proc, tok = hf
+    vlm = load_reward("vlm-judge", checkpoint=folder).vlm
+    img = _u8_image().float() / 255
+    user = ["Image 1: ", Visual(img), "\nImage 2: ", Visual(img), "\nWhich is better?"]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Image 1: "}, {"type": "image"},
+                                              {"type": "text", "text": "\nImage 2: "}, {"type": "image"},
+                                              {"type": "text", "text": "\nWhich is better?"}]}]
+    ref = proc.apply_chat_template(messages, chat_template=tok.chat_template, add_generation_prompt=True,
+                                   tokenize=False)
+    assert ref.startswith(SYSTEM) and ref.endswith(ASSIST)  # the template renders the Qwen2-VL format
+    got = vlm.chat(user)
+    assert _flatten(got) == ref
+    assert [type(s).__name__ for s in got].count("Visual") == 2
+    assert _flatten(vlm.chat(["hi"], assistant_prefix="Answer: ")) == proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], chat_template=tok.chat_template,
+        add_generation_prompt=True, tokenize=False) + "Answer: "
+
+
+def test_chat_follows_the_checkpoint_template_not_a_fixed_string(folder, hf, tmp_path):
+    """A checkpoint whose template differs (its own system prompt, numbered pictures) is prompted its way, and
+    the score equals the processor path fed that template's text."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rewards.vlm_chat import QWEN2VL_CHAT_TEMPLATE
+
+    custom = (QWEN2VL_CHAT_TEMPLATE.replace("You are a helpful assistant.", "You rate pictures.")
+              .replace("{% if part['type'] == 'image' %}", "{% if part['type'] == 'image' %}{{ 'Picture: ' }}"))
+    own = tmp_path / "own"
+    shutil.copytree(folder, own)
+    tok = AutoTokenizer.from_pretrained(str(own))
+    tok.chat_template = custom
+    tok.save_pretrained(str(own))
+    labels = tuple(str(i) for i in range(1, 10))
+    judge = load_reward("vlm-judge", checkpoint=own, labels=labels)
+    img, prompt = _u8_image(seed=5), "a red circle"
+    q = POINTWISE_QUESTION.replace("{prompt}", prompt)
+    text = _flatten(judge.vlm.chat([Visual(img.float() / 255), q]))
+    assert text.startswith("<|im_start|>system\nYou rate pictures.<|im_end|>\n<|im_start|>user\nPicture: ")
+    logits = _hf_logits(hf, text, [img])[-1]
+    ids = [tok.convert_tokens_to_ids(tok.tokenize(lab))[0] for lab in labels]
+    p = torch.softmax(logits[ids].double(), 0)
+    expected = (p * torch.arange(1, 10, dtype=torch.float64)).sum()
+    torch.testing.assert_close(judge.score(img.float().unsqueeze(0) / 255, [prompt]).double(), expected.view(1),
+                               atol=1e-5, rtol=0)
+
+
+def test_chat_template_without_vision_placeholders_is_an_error(folder):
+    from rewards.vlm_qwen import QwenVL
+
+    vlm = load_reward("vlm-judge", checkpoint=folder).vlm
+    bare = QwenVL.from_model(vlm.model, vlm.tokenizer, chat_template="{% for m in messages %}x{% endfor %}")
+    with pytest.raises(ValueError, match="vision placeholders"):
+        bare.chat([Visual(torch.rand(3, 56, 56)), "q"])
+    with pytest.raises(TypeError, match="text and Visual"):
+        vlm.chat([[1, 2, 3]])
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Module()
+        self.inner.q_proj = torch.nn.Linear(6, 5)
+        self.inner.v_proj = torch.nn.Linear(6, 4, bias=False)
+        self.out = torch.nn.Linear(5, 3)
+
+
+def test_merge_lora_uses_peft_and_equals_base_plus_scaled_delta():
+    """A real saved PeftModel state dict, split and merged onto a fresh base: W = W₀ + (α/r)·B·A on the
+    adapted linears, every other weight untouched, requires_grad as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    from rewards.base import CheckpointError
+    from rewards.vlm_checkpoint import merge_lora, split_peft_state_dict
+
+    torch.manual_seed(0)
+    rank, alpha = 2, 6.0
+    peft_model = get_peft_model(_TwoLinears(), LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=["inner.q_proj", "inner.v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)  # lora_B starts at zero: give it a real delta
+    saved = peft_model.state_dict()
+    assert any(k.startswith("base_model.model.inner.q_proj.base_layer.") for k in saved)
+
+    plain, lora = split_peft_state_dict(saved)
+    reference = {k: v.clone() for k, v in plain.items()}
+    assert set(plain) == {"inner.q_proj.weight", "inner.q_proj.bias", "inner.v_proj.weight", "out.weight", "out.bias"}
+    assert plain["inner.q_proj.weight"] is saved["base_model.model.inner.q_proj.base_layer.weight"]
+    assert set(lora) == {f"inner.{m}.lora_{x}.weight" for m in ("q_proj", "v_proj") for x in "AB"}
+    fresh = _TwoLinears()
+    fresh.load_state_dict(plain)
+    merged = merge_lora(fresh, lora, rank=rank, alpha=alpha, source="adapter.pth")
+    sd = merged.state_dict()
+    assert set(sd) == set(reference)  # no peft wrappers left
+    for mod in ("inner.q_proj", "inner.v_proj"):
+        a, b = lora[f"{mod}.lora_A.weight"], lora[f"{mod}.lora_B.weight"]
+        torch.testing.assert_close(sd[f"{mod}.weight"], reference[f"{mod}.weight"] + alpha / rank * b @ a)
+        assert not torch.allclose(sd[f"{mod}.weight"], reference[f"{mod}.weight"])
+    for k in ("inner.q_proj.bias", "out.weight", "out.bias"):
+        torch.testing.assert_close(sd[k], reference[k], atol=0, rtol=0)
+    assert all(p.requires_grad for p in merged.parameters())
+
+    incomplete = {k: v for k, v in lora.items() if not k.startswith("inner.v_proj.lora_B")}
+    with pytest.raises(CheckpointError, match=r"adapter\.pth.*inner\.v_proj.*incomplete"):
+        merge_lora(_TwoLinears(), incomplete, rank=rank, alpha=alpha, source="adapter.pth")
+    with pytest.raises(CheckpointError, match=r"adapter\.pth.*rank 3"):
+        merge_lora(_TwoLinears(), lora, rank=3, alpha=alpha, source="adapter.pth")
+    stray = {k.replace("inner.q_proj", "inner.k_proj"): v for k, v in lora.items()}
+    with pytest.raises(CheckpointError, match=r"does not have: inner\.k_proj"):
+        merge_lora(_TwoLinears(), stray, rank=rank, alpha=alpha, source="adapter.pth")
+
+
+def test_split_modules_keep_public_names_importable():
+    from rewards import audio, base, edit, threed, vlm_checkpoint, vlm_qwen, vlm_videoreward
+
+    assert vlm_qwen.CheckpointError is base.CheckpointError is threed.CheckpointError is edit.CheckpointError
+    assert vlm_videoreward.CheckpointError is base.CheckpointError
+    for name in ("QwenVL", "Visual", "AnswerScorer", "DEFAULT_SYSTEM", "CLIP_MEAN", "smart_resize", "patchify",
+                 "check_keys", "load_state_dict_file", "to_current_layout", "no_init", "from_pretrained_strict",
+                 "read_preprocessor_config"):
+        assert hasattr(vlm_qwen, name), name
+    assert audio.AnswerScorer is vlm_qwen.AnswerScorer
+    assert vlm_qwen.merge_lora is vlm_checkpoint.merge_lora
