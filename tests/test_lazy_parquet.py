@@ -83,3 +83,45 @@ def test_recipe_trains_on_the_lazy_reader(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml")]) == 0
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_bad_rows_are_judged_alike_by_the_lazy_and_the_eager_reader(tmp_path):
+    """One set of rules: NaN or text scores, an empty caption, a label_1 that does not complement label_0 and bad
+    meta are bad rows for both readers (counted when the file is opened), never a pair or a mid-training crash."""
+    import io
+    import math
+
+    import pyarrow as pa
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (value, 255 - value, 7)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    n = 12
+    cols = {"caption": [f"p{i}" for i in range(n)], "jpg_0": [png(i) for i in range(n)],
+            "jpg_1": [png(100 + i) for i in range(n)],
+            "label_0": [1.0, 0.0] * (n // 2), "label_1": [0.0, 1.0] * (n // 2),
+            "score_0": ["0.7"] * n, "score_1": ["0.2"] * n, "pair_id": [f"id{i}" for i in range(n)],
+            "meta": ['{"k": 1}'] * n}
+    cols["score_0"][1] = "nan"
+    cols["score_1"][2] = "abc"
+    cols["caption"][3] = "  "
+    cols["label_1"][4] = 0.5
+    cols["meta"][5] = "{not json"
+    cols["meta"][6] = "[1, 2]"
+    cols["label_0"][7], cols["label_1"][7] = 0.5, 0.5  # a tie: dropped, not bad
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(cols), path, row_group_size=4)
+    eager, lazy = load_preferences(path, max_bad_fraction=1.0), LazyPickapicDataset(path, max_bad_fraction=1.0)
+    assert lazy.report.bad == eager.report.bad and len(eager.report.bad) == 6
+    assert (lazy.report.rows_read, lazy.report.kept, lazy.report.ties_dropped) == \
+        (eager.report.rows_read, eager.report.kept, eager.report.ties_dropped) == (12, 5, 1)
+    assert len(lazy) == len(eager) == 5
+    for i in range(len(lazy)):
+        a, b = lazy.raw(i), eager.pairs[i]
+        assert a == b  # prompt, images, label, scores, id and meta
+        assert not math.isnan(a.chosen_score)
+    with pytest.raises(PreferenceDataError, match="6 of 12 rows are bad"):
+        LazyPickapicDataset(path)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from PIL import Image
 
+from diffalign.data.transforms import augment_pair
 from diffalign.media import MediaError, decode_image_bytes, load_image, pil_to_tensor
 
 #: What an image field may hold: encoded bytes, a file path, a float tensor [3, H, W] in [0, 1], or a PIL image.
@@ -250,12 +251,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def at(self, index: int, epoch: int) -> PreferencePair:
         """Row ``index`` as seen in ``epoch``: its random crop/flip are a function of (seed, epoch, index), so a
         resumed run sees the crops an uninterrupted one would have."""
-        pair = self.pairs[index].decoded(self.transform)
-        if self.augment is None:
-            return pair
-        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7_919 + index) % (2 ** 63))
-        chosen, rejected = self.augment([pair.chosen, pair.rejected], rng)
-        return replace(pair, chosen=chosen, rejected=rejected)
+        return augment_pair(self.pairs[index].decoded(self.transform), self.augment, self.seed, epoch, index)
 
 
 class RankedListDataset(torch.utils.data.Dataset):
@@ -275,19 +271,14 @@ class RankedListDataset(torch.utils.data.Dataset):
         return self.lists[index].decoded(self.transform)
 
 
-def collate_pairs(batch: Sequence[PreferencePair], resolution: int | None = None) -> dict[str, Any]:
+def collate_pairs(batch: Sequence[PreferencePair]) -> dict[str, Any]:
     """DataLoader collate: {prompt: [B], chosen: [B, 3, H, W], rejected: [B, 3, H, W], label: [B], id, meta}.
 
-    With ``resolution`` every image not already ``resolution``² is resized (shorter side) and centre-cropped to
-    it, so a batch may mix sizes; without, images must share one size.
+    Images must share one size: ``data.resolution`` gives the dataset a ``PairTransform`` that brings every row
+    to it before batching.
     """
     chosen = [to_image_tensor(p.chosen) for p in batch]
     rejected = [to_image_tensor(p.rejected) for p in batch]
-    if resolution is not None:
-        from diffalign.data.transforms import fit_to
-
-        chosen = [x if x.shape[-2:] == (resolution, resolution) else fit_to(x, resolution) for x in chosen]
-        rejected = [x if x.shape[-2:] == (resolution, resolution) else fit_to(x, resolution) for x in rejected]
     sizes = {tuple(x.shape) for x in chosen + rejected}
     if len(sizes) > 1:
         raise MediaError(f"cannot batch images of different sizes {sorted(sizes)}; set data.resolution (or give "

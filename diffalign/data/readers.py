@@ -138,32 +138,49 @@ def detect_format(path: Path) -> str:
 
 
 # --- Pick-a-Pic parquet ---------------------------------------------------------------------------------------
-def _read_pickapic(path: Path, sink: _Sink, image_root: Path | None) -> None:
-    import pyarrow.parquet as pq
-
+def pickapic_files(path: Path) -> list[Path]:
+    """The parquet shards behind ``path`` (a file, or a folder of ``*.parquet``), in a stable order."""
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise PreferenceDataError(f"{path}: no *.parquet shards in this folder")
-    for file in files:
-        try:
-            pf = pq.ParquetFile(file)
-        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, …
-            raise PreferenceDataError(f"{file}: not a readable parquet file ({exc})") from exc
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in PICKAPIC_REQUIRED if c not in names]
-        if missing:
-            raise PreferenceDataError(f"{file}: not a Pick-a-Pic parquet file: missing columns {missing} "
-                                      f"(it has {sorted(names)})")
-        columns = list(PICKAPIC_REQUIRED) + [c for c in PICKAPIC_OPTIONAL if c in names]
+    return files
+
+
+def open_pickapic(file: Path):
+    """``(ParquetFile, columns to read)`` for one shard: an error naming the file when it is not parquet or lacks
+    a required Pick-a-Pic column."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(file)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, …
+        raise PreferenceDataError(f"{file}: not a readable parquet file ({exc})") from exc
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in PICKAPIC_REQUIRED if c not in names]
+    if missing:
+        raise PreferenceDataError(f"{file}: not a Pick-a-Pic parquet file: missing columns {missing} "
+                                  f"(it has {sorted(names)})")
+    return pf, list(PICKAPIC_REQUIRED) + [c for c in PICKAPIC_OPTIONAL if c in names]
+
+
+def _read_pickapic(path: Path, sink: _Sink, image_root: Path | None) -> None:
+    for file in pickapic_files(path):
+        pf, columns = open_pickapic(file)
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=columns):
             data = batch.to_pydict()
             for i in range(batch.num_rows):
-                _pickapic_row({c: data[c][i] for c in columns}, f"{file.name}:{row}", sink)
+                pickapic_row({c: data[c][i] for c in columns}, f"{file.name}:{row}", sink)
                 row += 1
 
 
-def _pickapic_row(r: dict, row_id: str, sink: _Sink) -> None:
+def pickapic_row(r: dict, row_id: str, sink: _Sink, *, images: bool = True) -> PreferencePair | None:
+    """Judge one Pick-a-Pic row — the one set of rules the eager and the lazy reader share — and hand it to
+    ``sink``: counted as read, then bad (with why), a dropped tie, or added. Returns the pair added, or None.
+
+    ``images=False`` checks every column but the images (which ``r`` may then lack): the lazy reader's index
+    pass, whose rows get their images checked when they are read.
+    """
     sink.read()
     try:
         prompt = _prompt(r, "caption")
@@ -179,21 +196,24 @@ def _pickapic_row(r: dict, row_id: str, sink: _Sink) -> None:
         scores = {k: _score(r.get("score_" + k), "score_" + k) for k in ("0", "1")}
     except (ValueError, TypeError) as exc:
         sink.bad(row_id, str(exc))
-        return
+        return None
     if sink.drops(l0 == TIE):
-        return
-    for what in ("jpg_0", "jpg_1"):
+        return None
+    for what in ("jpg_0", "jpg_1") if images else ():
         problem = _bytes_problem(r[what], what)
         if problem:
             sink.bad(row_id, problem)
-            return
+            return None
     first_wins = l0 >= TIE  # 1.0 or a tie: keep the file's order
     c, w = ("0", "1") if first_wins else ("1", "0")
     if r.get("ranking_id") is not None:
         meta.setdefault("ranking_id", r["ranking_id"])
-    sink.add(PreferencePair(prompt=prompt, chosen=bytes(r["jpg_" + c]), rejected=bytes(r["jpg_" + w]),
-                            label=max(l0, 1.0 - l0), chosen_score=scores[c], rejected_score=scores[w],
-                            id=r.get("pair_id") or row_id, meta=meta))
+    chosen, rejected = (bytes(r["jpg_" + c]), bytes(r["jpg_" + w])) if images else (b"", b"")
+    pair = PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, label=max(l0, 1.0 - l0),
+                          chosen_score=scores[c], rejected_score=scores[w], id=r.get("pair_id") or row_id,
+                          meta=meta)
+    sink.add(pair)
+    return pair
 
 
 # --- HPDv2 json -----------------------------------------------------------------------------------------------

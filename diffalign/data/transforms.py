@@ -1,16 +1,20 @@
-"""Training-time image geometry: resize, crop and flip a preference pair as Diffusion-DPO's training script does.
+"""Training-time image geometry: resize, crop and flip a preference pair, both images alike.
 
-The reference script resizes the shorter side to the training resolution (bilinear), crops a square (centre by
-default, random with ``--random_crop``) and flips horizontally with probability 0.5 (unless ``--no_hflip``), with
-the two images of a pair stacked into one tensor so that both get the *same* crop and flip. Here the draws come
-from a generator the caller seeds, so a run that resumes draws the crops it would have drawn.
+Preference fine-tuning in the manner of Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct
+Preference Optimization", CVPR 2024) trains on square images of one size. Here the shorter side is resized to the
+training resolution (bilinear), a square is cropped (centred, or at a random place) and, optionally, the image is
+mirrored left-right with probability 0.5. Both images of a pair get the *same* crop and flip, so the judgement
+still compares like with like. The random draws come from a generator seeded by (seed, epoch, row), so a run
+that resumes draws the crops an uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,11 +65,6 @@ class PairTransform:
         return out
 
 
-def fit_to(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Resize + centre crop one image to ``resolution``² (what batching does with mixed sizes)."""
-    return crop_at(resize_shorter(image, resolution), resolution, 0.5, 0.5)
-
-
 def image_size(source: Any) -> tuple[int, int] | None:
     """(W, H) of an encoded image or an image file from its header alone; None for tensors and PIL images' callers
     to measure themselves, or when the header cannot be read (the readers report such rows)."""
@@ -89,28 +88,55 @@ def image_size(source: Any) -> tuple[int, int] | None:
     return None
 
 
+def pair_rng(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of row ``index``'s draws in ``epoch``: distinct (seed, epoch, index) triples get independent
+    streams (``numpy.random.SeedSequence`` hashes the whole triple, so no two rows or epochs share one)."""
+    entropy = [int(seed) % 2 ** 64, int(epoch), int(index)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def augment_pair(pair: Any, augment: "PairTransform | None", seed: int, epoch: int, index: int) -> Any:
+    """``pair`` (images decoded to tensors) as row ``index`` is seen in ``epoch``: ``augment`` applied to both
+    images with ``pair_rng(seed, epoch, index)``; unchanged without an ``augment``."""
+    if augment is None:
+        return pair
+    chosen, rejected = augment([pair.chosen, pair.rejected], pair_rng(seed, epoch, index))
+    return replace(pair, chosen=chosen, rejected=rejected)
+
+
+def check_pair_resolution(pair: Any, resolution: int, source: str, row: str) -> None:
+    """Both images of ``pair`` must already be ``resolution``² (read from their headers): else an error naming
+    ``source``, the row and the size."""
+    for side in ("chosen", "rejected"):
+        size = image_size(getattr(pair, side))
+        if size is not None and size != (resolution, resolution):
+            name = pair.id if pair.id is not None else row
+            raise ValueError(f"{source}: {name} {side} image is {size[0]}×{size[1]} but data.resolution is "
+                             f"{resolution}; set data.resize: true to resize and crop, or fix the file")
+
+
 def check_resolution(pairs: Iterable[Any], resolution: int, source: str) -> None:
     """Every image of ``pairs`` must already be ``resolution``² (a recipe with ``data.resize: false``); the first
     that is not is an error naming the file, the row and both sizes — before any training."""
     for n, pair in enumerate(pairs):
-        for side in ("chosen", "rejected"):
-            size = image_size(getattr(pair, side))
-            if size is not None and size != (resolution, resolution):
-                row = pair.id if pair.id is not None else f"row {n}"
-                raise ValueError(f"{source}: {row} {side} image is {size[0]}×{size[1]} but data.resolution is "
-                                 f"{resolution}; set data.resize: true to resize and crop, or fix the file")
+        check_pair_resolution(pair, resolution, source, f"row {n}")
 
 
 def configure_geometry(dataset: Any, resolution: int, *, crop: str = "center", hflip: bool = False,
                        resize: bool = True, seed: int = 0, source: str = "data.path") -> None:
     """Give a loaded pair dataset the recipe's ``data.resolution``: a seeded ``PairTransform`` when resizing is
-    allowed; otherwise check that every image already has that size (an error naming the file and row)."""
+    allowed; otherwise every image must already have that size (an error naming the file and row) — checked now
+    for pairs held in memory (image headers only), and as each row is read for a lazy dataset, which opening
+    must not read whole."""
     if not hasattr(dataset, "augment"):
         raise ValueError(f"data.resolution: {type(dataset).__name__} rows cannot be resized; leave data.resolution "
                          "null for this method's data")
     if not resize:
-        pairs = dataset.pairs if hasattr(dataset, "pairs") else (dataset.raw(i) for i in range(len(dataset)))
-        check_resolution(pairs, resolution, source)
+        if hasattr(dataset, "pairs"):
+            check_resolution(dataset.pairs, resolution, source)
+        else:
+            dataset.require_resolution = (resolution, source)
         return
     dataset.augment = PairTransform(resolution, crop, hflip)
     dataset.seed = seed
