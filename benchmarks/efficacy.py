@@ -76,7 +76,8 @@ def chosen_points(world: str, methods: list[str], workdir: Path, budget: Budget)
     out = {}
     for name in methods:
         method = METHODS.get(name) or GUIDANCE[name]
-        done = read_json(workdir / f"{world}-{method.family}" / budget.tag() / name / "heldout.json")
+        source = METHODS.get(method.same_as or "") or method  # a row on another family reuses its twin's choice
+        done = read_json(workdir / f"{world}-{source.family}" / budget.tag() / source.name / "heldout.json")
         if done is not None:
             out[name] = done["point"]
     return out
@@ -210,7 +211,8 @@ def write_table(rows: list[dict], args, path: Path) -> str:
              "Protocol (`benchmarks/efficacy_protocol.py`): every method trains the same number of optimizer steps "
              "on the same synthesised data (the base's K samples per training prompt and group, scored by the "
              "world's oracle: kept as ranked lists for RankDPO, Flow-RWR and Self-NPO, and as best-vs-worst pairs "
-             "with a score gap > 0.05 for the pair methods); online PRDP reports its own samples. Each recipe's "
+             "with a score gap > 0.05 for the pair methods); the online methods (PRDP, Flow-GRPO, DiffusionNFT) "
+             "report their own samples and reward calls. Each recipe's "
              "`grid` (≤ 6 points) is searched on a validation split (training prompts, seeds 1,000,000+ that no "
              "synthesised image used) and only the validation-best point is sampled on held-out prompts (seeds "
              "2,000,000+). Gain: held-out mean reward tuned − base with a percentile-bootstrap 95% CI over (prompt, "

@@ -71,18 +71,31 @@ class Method:
     label: str
     family: str
     data: str
+    #: it scores samples itself (SmPO's bounds, the online methods): the protocol hands it the world's oracle
+    own_reward: bool = False
+    #: the row whose validation choice this one reuses under ``--points-from`` (the same recipe, another family)
+    same_as: str | None = None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dpo", "quickstart.yaml", "Diffusion-DPO", "unet", "pairs"),
-    Method("smpo", "smpo.yaml", "SmPO", "unet", "pairs"),
+    Method("smpo", "smpo.yaml", "SmPO", "unet", "pairs", own_reward=True),
     Method("inpo", "inpo.yaml", "InPO", "unet", "pairs"),
     Method("rankdpo", "rankdpo.yaml", "RankDPO", "unet", "ranked"),
     Method("self_npo", "self_npo.yaml", "Self-NPO + NPO guidance", "unet", "ranked"),
-    Method("prdp", "prdp.yaml", "PRDP (online)", "unet", "online"),
+    Method("prdp", "prdp.yaml", "PRDP (online)", "unet", "online", own_reward=True),
     Method("flow_dpo", "flow_dpo.yaml", "Flow-DPO", "flow", "pairs"),
     Method("flow_rwr", "flow_rwr.yaml", "Flow-RWR", "flow", "ranked"),
     Method("flow_dpo_video", "flow_dpo_video.yaml", "Flow-DPO (video)", "flow", "pairs"),
+    # the UNet methods on flow-matching bases, through the same generator seam (image and video worlds)
+    Method("smpo_flow", "smpo.yaml", "SmPO (flow base)", "flow", "pairs", own_reward=True, same_as="smpo"),
+    Method("inpo_flow", "inpo.yaml", "InPO (flow base)", "flow", "pairs", same_as="inpo"),
+    Method("self_npo_flow", "self_npo.yaml", "Self-NPO + NPO guidance (flow base)", "flow", "ranked",
+           same_as="self_npo"),
+    Method("prdp_flow", "prdp.yaml", "PRDP (online, flow base)", "flow", "online", own_reward=True, same_as="prdp"),
+    # online RL on flow bases
+    Method("flow_grpo", "flow_grpo.yaml", "Flow-GRPO (online)", "flow", "online", own_reward=True),
+    Method("diffusion_nft", "diffusion_nft.yaml", "DiffusionNFT (online)", "flow", "online", own_reward=True),
 ]}
 
 #: inference-time rows: reward guidance with the oracle's gradient, the scale chosen on validation like a grid
@@ -96,9 +109,10 @@ GUIDANCE: dict[str, Method] = {m.name: m for m in [
 #: which rows each world's table has (a method needs a base of its family in the world; guidance needs a
 #: differentiable oracle, which compose-oracle is not)
 WORLD_METHODS: dict[str, tuple[str, ...]] = {
-    "shapes": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp", "flow_dpo", "flow_rwr", "nrg-unet", "nrg-flow"),
+    "shapes": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp", "flow_dpo", "flow_rwr", "nrg-unet", "nrg-flow",
+               "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow", "flow_grpo", "diffusion_nft"),
     "compose": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp"),
-    "video": ("flow_dpo_video",),
+    "video": ("flow_dpo_video", "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow"),
 }
 
 
@@ -375,7 +389,7 @@ def recipe_overrides(method: Method, ctx: Context, run_dir: Path) -> list[str]:
         sets += ["data.synth=null", f"data.path={ctx.data.ranked_dir}"]
     else:
         sets += [f"data.prompts={world.train_prompts}"]
-    if method.name in ("smpo", "prdp"):  # methods that score with a reward themselves use the world's oracle
+    if method.own_reward:  # methods that score with a reward themselves use the world's oracle
         sets.append(f"method.reward={world.reward}")
     return sets
 

@@ -164,3 +164,17 @@ def test_labelled_grid_enlarges_tiny_images_sharply_and_marks_each_block():
     assert img.height > 2 * (2 * 40)  # two blocks of two rows each, plus text lines
     with pytest.raises(ValueError, match="2 prompts for 1 rows"):
         labelled_grid(["a", "b"], base[:1], tuned[:1], torch.zeros(1, 3), torch.ones(1, 3))
+
+
+def test_every_table_row_has_a_base_and_twins_share_their_recipe():
+    from benchmarks.efficacy_protocol import GUIDANCE, METHODS, WORLD_METHODS, WORLDS
+
+    for world, names in WORLD_METHODS.items():
+        for name in names:
+            method = METHODS.get(name) or GUIDANCE[name]
+            assert method.family in WORLDS[world].bases, (world, name)
+    for method in METHODS.values():
+        if method.same_as is not None:
+            twin = METHODS[method.same_as]
+            assert twin.recipe == method.recipe and twin.family != method.family and twin.data == method.data
+            assert twin.own_reward == method.own_reward
