@@ -12,8 +12,10 @@ Gradio's queue but calls the same ``Arena`` methods, so the same checks apply.
 import csv
 import html
 import io
-import logging
 import random
+import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,11 +27,9 @@ from apps.battle_pool import BattlePool, ContenderFailed, Prepared, prepare
 from apps.contenders import Contender, ContenderConfig, build_contenders, shared_prompts
 from apps.display import MEDIA_CSS, MIN_DISPLAY_PX, DisplayMedia
 from apps.flagging import FlaggingConfig
-from apps.ratings import leaderboard, pair_table, win_rate_matrix
+from apps.ratings import RatingRow, leaderboard, pair_table, win_rate_matrix
 from apps.serve import Identity, LimitsConfig, ServerConfig, import_gradio, launch
 from apps.store import SIDES, Battle, RateLimited, VoteRejected, VoteStore
-
-log = logging.getLogger(__name__)
 
 UI_VERSION = "arena-2"
 #: plain words: emoji render as empty boxes where no emoji font is installed
@@ -111,11 +111,11 @@ class Arena:
         self.cfg = cfg
         self.store = store or VoteStore(cfg.db, busy_timeout_s=cfg.busy_timeout_s, synchronous=cfg.synchronous)
         self.contenders = {c.name: c for c in (contenders or build_contenders(cfg.contenders, cfg.modality,
-                                                                                cfg.device))}
+                                                                                cfg.device, store=self.store))}
         self.prompts = cfg.prompt_list()
-        self.pairs = [(a, b) for a in self.contenders for b in self.contenders
-                      if a < b and shared_prompts(self.contenders[a], self.contenders[b], self.prompts)]
-        if not self.pairs:
+        pairs = [(a, b) for a in self.contenders for b in self.contenders
+                 if a < b and shared_prompts(self.contenders[a], self.contenders[b], self.prompts)]
+        if not pairs:
             raise ValueError("no two contenders share a prompt (check the galleries' prompt.txt files, or set "
                              "'prompts' for live generators)")
         self._rng = random.Random(cfg.seed)
@@ -126,28 +126,26 @@ class Arena:
         self._board_cache: tuple[int, Any] | None = None
         self._board_lock = threading.Lock()
         self.display = DisplayMedia(self.store, cfg.min_display_px)
-        #: contenders taken out of the rotation after failing to sample: name -> error
-        self.retired: dict[str, str] = {}
-        self.pool = BattlePool(self.contenders, self.pairs, self.prompts, self.store, per_pair=cfg.pool.per_pair,
-                               seed=cfg.seed, on_retire=self._on_retire) if cfg.pool.enabled else None
+        #: the rotation (pairs in play, retired contenders) lives here, whether or not battles are prepared ahead
+        self.pool = BattlePool(self.contenders, pairs, self.prompts, self.store, per_pair=cfg.pool.per_pair,
+                               seed=cfg.seed, prefill=cfg.pool.enabled)
 
-    def _on_retire(self, name: str, error: BaseException) -> None:
-        with self._rng_lock:
-            self.retired.setdefault(name, f"{type(error).__name__}: {error}")
-            self.pairs = [p for p in self.pairs if name not in p]
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Contender pairs still in the rotation."""
+        return self.pool.pairs()
+
+    @property
+    def retired(self) -> dict[str, str]:
+        """Contenders taken out of the rotation after failing to sample: name -> error."""
+        return self.pool.retired()
 
     def retire(self, name: str, error: BaseException) -> None:
         """Take a contender out of the rotation (its stored votes and battles stay as they are)."""
-        if self.pool is not None:
-            self.pool.retire(name, error)  # logs, then calls _on_retire
-        elif name not in self.retired:
-            log.error("arena: contender %r failed to sample and is out of the rotation (%s: %s)", name,
-                      type(error).__name__, error)
-            self._on_retire(name, error)
+        self.pool.retire(name, error)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
+        self.pool.stop()
 
     # --- battles and votes ------------------------------------------------------------------------------------------
     def new_battle(self, judge: str, session_hash: str | None, ip: str | None = None) -> Battle:
@@ -159,11 +157,9 @@ class Arena:
                               "minute")
         if not self.battle_limiter.allow(judge):
             raise RateLimited(f"too many new rounds: at most {self.cfg.limits.battles_per_minute} per minute")
-        ready = None
-        if self.pool is not None:
-            self.pool.start()
-            ready = self.pool.take()
-        if ready is None:  # cold start (or no pool): sample on this thread
+        self.pool.start()  # the refill thread, once (not when battles are not prepared ahead)
+        ready = self.pool.take()
+        if ready is None:  # cold start (or no prefill): sample on this thread
             ready = self._prepare_now()
         with self._rng_lock:
             left_is_a = self._rng.random() < 0.5
@@ -174,11 +170,12 @@ class Arena:
     def _prepare_now(self) -> Prepared:
         """One battle sampled here and now; a contender that fails is retired and another pair is tried."""
         while True:
+            pairs = self.pool.pairs()
+            if not pairs:
+                raise VoteRejected("no contenders are available right now (they failed to sample: "
+                                   + "; ".join(f"{n}: {e}" for n, e in sorted(self.retired.items())) + ")")
             with self._rng_lock:
-                if not self.pairs:
-                    raise VoteRejected("no contenders are available right now (they failed to sample: "
-                                       + "; ".join(f"{n}: {e}" for n, e in sorted(self.retired.items())) + ")")
-                pair = self._rng.choice(self.pairs)
+                pair = self._rng.choice(pairs)
                 rng = random.Random(self._rng.randrange(2**63))
             try:
                 return prepare(self.contenders, pair, self.prompts, self.store, rng)
@@ -207,58 +204,73 @@ class Arena:
 
     # --- leaderboard ------------------------------------------------------------------------------------------------
     def board(self) -> dict:
-        """Rows (best first) and the win-rate matrix; recomputed only when the number of votes changed."""
+        """Everything one leaderboard refresh shows, from one read of the rated votes: rows (best first), the
+        win-rate matrix and the per-pair table. Recomputed only when the number of rated votes or of flags changed
+        (checked with a COUNT, not by reading the votes)."""
         lb = self.cfg.leaderboard
-        battles = self.store.rated_battles(exclude_flagged=lb.exclude_flagged)
-        key = len(battles), len(self.store.flags())
+        key = (self.store.count_rated_battles(exclude_flagged=lb.exclude_flagged), len(self.store.flags()))
         with self._board_lock:
             if self._board_cache is not None and self._board_cache[0] == key:
                 return self._board_cache[1]
+        battles = self.store.rated_battles(exclude_flagged=lb.exclude_flagged)
         rows = leaderboard(battles, lb.bootstrap_rounds, seed=lb.seed, l2=lb.l2) if battles else []
         models, rate, count = win_rate_matrix(battles) if battles else ([], None, None)
-        result = {"rows": rows, "models": models, "win_rate": rate, "count": count, "votes": len(battles)}
-        with self._board_lock:
-            self._board_cache = (key, result)
+        result = {"rows": rows, "models": models, "win_rate": rate, "count": count, "votes": len(battles),
+                  "pairs": pair_table(battles) if battles else []}
+        with self._board_lock:  # keyed by what was read: a vote that landed after the COUNT is in these rows
+            self._board_cache = ((len(battles), key[1]), result)
         return result
 
-    def board_table(self) -> list[list]:
-        """Leaderboard rows; an interval from fewer than ``min_votes_for_ci`` votes (or of zero width) is shown as
-        "not enough votes" rather than as false certainty."""
+    def too_few_votes(self, row: RatingRow) -> bool:
+        """Whether a model's interval reads "not enough votes": from fewer than ``min_votes_for_ci`` votes, or of
+        zero width (a bootstrap over a handful of identical outcomes), which would read as certainty."""
+        return row.battles < self.cfg.leaderboard.min_votes_for_ci or row.upper - row.lower <= 1e-9
+
+    def board_table(self, board: dict | None = None) -> list[list]:
+        """Leaderboard rows of ``board`` (default: ``self.board()``), intervals per ``too_few_votes``."""
         lb = self.cfg.leaderboard
         out = []
-        for r in self.board()["rows"]:
+        for r in (self.board() if board is None else board)["rows"]:
             prelim = " (preliminary)" if r.battles < lb.min_battles else ""
-            if r.battles < lb.min_votes_for_ci or r.upper - r.lower <= 1e-9:
-                ci = NOT_ENOUGH
-            else:
-                ci = f"+{r.upper - r.rating:.1f} / -{r.rating - r.lower:.1f}"
+            ci = NOT_ENOUGH if self.too_few_votes(r) else f"+{r.upper - r.rating:.1f} / -{r.rating - r.lower:.1f}"
             out.append([r.rank, r.model + prelim, round(r.rating, 1), ci, round(r.elo, 1), r.battles,
                         round(r.wins / r.battles, 3) if r.battles else None])
         return out
 
-    def pair_rows(self) -> list[list]:
-        """Votes per contender pair: A's score rate (ties ½) with its 95% interval, or "not enough votes"."""
+    def pair_rows(self, board: dict | None = None) -> list[list]:
+        """Votes per contender pair of ``board``: A's score rate (ties ½) with its 95% interval, or "not enough
+        votes"."""
         lb = self.cfg.leaderboard
-        battles = self.store.rated_battles(exclude_flagged=lb.exclude_flagged)
         out = []
-        for r in pair_table(battles):
+        for r in (self.board() if board is None else board)["pairs"]:
             ci = NOT_ENOUGH if r.votes < lb.min_votes_for_ci else f"[{r.lower:.2f}, {r.upper:.2f}]"
             out.append([r.model_a, r.model_b, r.votes, r.wins_a, r.wins_b, r.ties, round(r.score_a, 3), ci])
         return out
 
-    def board_csv(self) -> str:
+    def board_csv(self, board: dict | None = None) -> str:
         """The leaderboard as CSV text (numbers unrounded; an empty interval where there are not enough votes)."""
         lb = self.cfg.leaderboard
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["rank", "model", "rating", "ci_lower", "ci_upper", "online_elo", "votes", "score_rate",
                     "preliminary", "not_enough_votes"])
-        for r in self.board()["rows"]:
-            few = r.battles < lb.min_votes_for_ci or r.upper - r.lower <= 1e-9
+        for r in (self.board() if board is None else board)["rows"]:
+            few = self.too_few_votes(r)
             w.writerow([r.rank, r.model, f"{r.rating:.3f}", "" if few else f"{r.lower:.3f}",
                         "" if few else f"{r.upper:.3f}", f"{r.elo:.3f}", r.battles,
                         f"{r.wins / r.battles:.4f}" if r.battles else "", int(r.battles < lb.min_battles), int(few)])
         return buf.getvalue()
+
+    def board_view(self) -> tuple[list[list], list[list], str, str]:
+        """One leaderboard refresh (the Leaderboard tab): table, pair rows, win-rate heat map and a summary line,
+        all from one ``board()``."""
+        board = self.board()
+        summary = f"{board['votes']} rated votes" + (" (flagged judges excluded)"
+                                                     if self.cfg.leaderboard.exclude_flagged else "")
+        retired = self.retired
+        if retired:
+            summary += " · out of the rotation: " + ", ".join(sorted(retired))
+        return self.board_table(board), self.pair_rows(board), heatmap_html(board), summary
 
 
 NOT_ENOUGH = "not enough votes"
@@ -343,8 +355,6 @@ def _key_help() -> str:
 
 def _csv_file(text: str, prefix: str) -> str:
     """Write ``text`` to a new file in the temp dir (Gradio serves files from there) and return its path."""
-    import tempfile
-
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".csv")
     with open(fd, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
@@ -352,8 +362,22 @@ def _csv_file(text: str, prefix: str) -> str:
 
 
 def export_dir(arena: Arena) -> Path:
-    """Where the admin view writes training-data exports (served to admins, so it is an allowed path)."""
+    """Where the admin view keeps training-data exports. Never an allowed path of the server: Gradio serves those
+    to anyone signed in, while only admins may read votes (``export_for_admin`` hands them a copy)."""
     return arena.store.path.parent / "exports"
+
+
+def export_for_admin(arena: Arena, exclude_flagged: bool) -> tuple[str, Path]:
+    """Write the votes to a new file in ``export_dir`` (kept there) and return (a copy of it in a fresh temp folder,
+    the kept file). Only the copy is handed to Gradio, which moves it into its own cache for that one download;
+    the name carries 64 random bits so no other file name is guessable from it."""
+    from apps.export import export_votes
+
+    name = f"votes-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}.parquet"
+    kept = export_votes(arena.cfg.db, export_dir(arena) / name, exclude_flagged=bool(exclude_flagged))
+    copy = Path(tempfile.mkdtemp(prefix="arena-export-")) / name
+    shutil.copyfile(kept, copy)
+    return str(copy), kept
 
 
 def build_arena_ui(arena: Arena):
@@ -392,12 +416,7 @@ def build_arena_ui(arena: Arena):
         return cast(side, battle_id, vote_id, request)
 
     def board_outputs():
-        board = arena.board()
-        summary = (f"{board['votes']} rated votes" + (" (flagged judges excluded)"
-                   if arena.cfg.leaderboard.exclude_flagged else ""))
-        if arena.retired:
-            summary += " · out of the rotation: " + ", ".join(sorted(arena.retired))
-        return arena.board_table(), arena.pair_rows(), heatmap_html(board), summary
+        return arena.board_view()
 
     def board_csv() -> str:
         """The leaderboard as a CSV file."""
@@ -453,15 +472,11 @@ def build_arena_ui(arena: Arena):
                     """Admins: write the votes as a preference parquet (returns the file and a line saying where)."""
                     if not ident.is_admin(request):
                         raise gr.Error("admins only")
-                    from apps.export import export_votes
-
-                    stamp = time.strftime("%Y%m%d-%H%M%S")
-                    out = export_dir(arena) / f"votes-{stamp}-{random.randrange(16**6):06x}.parquet"
                     try:
-                        path = export_votes(arena.cfg.db, out, exclude_flagged=bool(exclude_flagged))
+                        copy, kept = export_for_admin(arena, bool(exclude_flagged))
                     except (ValueError, FileNotFoundError) as exc:
                         raise gr.Error(str(exc)) from None
-                    return str(path), f"Wrote `{path}`"
+                    return copy, f"Wrote `{kept}`"
 
                 flag_btn.click(do_flag, None, flag_out, api_name="flag", concurrency_limit=1,
                                concurrency_id="arena_admin")
@@ -505,14 +520,12 @@ def serve(cfg: ArenaConfig, *, block: bool = True, port: int | None = None):
     from apps.rest import mount_rest
 
     arena = Arena(cfg)
-    if arena.pool is not None:
-        arena.pool.start()  # prepare battles before the first visitor arrives
+    arena.pool.start()  # prepare battles before the first visitor arrives (when the pool prepares any)
     try:
         demo = build_arena_ui(arena)
-        exports = export_dir(arena)
-        exports.mkdir(parents=True, exist_ok=True)
+        # only the media are served from disk; exports reach admins as copies (``export_for_admin``)
         launch(demo, cfg.server, keys=SessionKeys.beside(arena.store.path), limits=cfg.limits,
-               allowed_paths=[arena.store.media_dir, exports], block=block, port=port,
+               allowed_paths=[arena.store.media_dir], block=block, port=port,
                on_app=lambda app: mount_rest(app, arena))
     except BaseException:  # a failed start (or Ctrl-C while blocking) leaves no pool thread behind
         arena.close()

@@ -100,42 +100,49 @@ _MAX_DEPTH = 32
 
 
 def json_object(raw: bytes, max_depth: int = _MAX_DEPTH) -> dict:
-    """A JSON object from a body (empty body = {}), or ValueError with a message a client can act on. A body nested
-    deeper than ``max_depth`` is refused before parsing: the decoder recurses once per level, and how deep it may
-    go depends on the thread's stack, so such a body could otherwise end as a RecursionError (a 500)."""
+    """A JSON object from a UTF-8 body (empty body = {}), or ValueError with a message a client can act on.
+
+    A body nested deeper than ``max_depth`` is refused before parsing. Catching the decoder's RecursionError
+    instead would not bound the depth: the decoder recurses once per level up to the interpreter's recursion limit
+    (about a thousand levels, fewer the deeper the calling stack), so 500 levels parse and reach the handler. The
+    scan runs on the decoded text, where a quote or a bracket is one character: ``json.loads`` on *bytes* would
+    also accept UTF-16/32, whose multi-byte characters can hold quote bytes that would mislead a byte scanner
+    into missing real brackets. JSON over HTTP is UTF-8 (RFC 8259 §8.1)."""
     if not raw:
         return {}
-    if raw.count(b"[") + raw.count(b"{") > max_depth and _depth(raw) > max_depth:  # counting is cheap; scan rarely
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("request body is not valid JSON (UTF-8)") from None
+    if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:  # counting is cheap; scan rarely
         raise ValueError(f"request body is nested too deeply (at most {max_depth} levels)")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(text)
+    except ValueError:
         raise ValueError("request body is not valid JSON") from None
-    except RecursionError:  # a body of nested brackets: the decoder recurses once per level
-        raise ValueError("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("request body must be a JSON object")
     return data
 
 
-def _depth(raw: bytes) -> int:
+def _depth(text: str) -> int:
     """The deepest bracket nesting of a JSON text, brackets inside strings not counted."""
     depth = deepest = 0
     in_string = escaped = False
-    for byte in raw:
+    for ch in text:
         if in_string:
             if escaped:
                 escaped = False
-            elif byte == 0x5C:  # backslash
+            elif ch == "\\":
                 escaped = True
-            elif byte == 0x22:  # quote
+            elif ch == '"':
                 in_string = False
-        elif byte == 0x22:
+        elif ch == '"':
             in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
+        elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):  # ] }
+        elif ch in "]}":
             depth -= 1
     return deepest
 

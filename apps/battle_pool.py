@@ -8,7 +8,11 @@ contender pair and refills them on one background thread; taking one is a dictio
 Pairs are drawn uniformly among the pairs that have a battle ready (uniform pairs keep the Bradley–Terry fit
 unbiased; a pair whose generator is still warming up is skipped meanwhile rather than waited for). A contender
 whose sampling raises is *retired*: its pairs leave the rotation, prepared battles that include it are dropped,
-``on_retire(name, error)`` is called (the arena logs it), and votes already stored are never touched.
+the retirement is logged once, and votes already stored are never touched.
+
+The pool is also the one record of the rotation (which pairs are in play, who was retired and why), whoever found
+the failure: the arena asks it even when battles are not prepared ahead (``prefill=False``: nothing is sampled in
+the background, ``take`` finds nothing, and the arena samples on the request thread from ``pairs()``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 from apps.contenders import Contender, shared_prompts
 from apps.store import VoteStore
@@ -59,21 +63,21 @@ def prepare(contenders: dict[str, Contender], pair: tuple[str, str], prompts: Se
 
 
 class BattlePool:
-    """Prepared battles per pair, refilled by one daemon thread (``start``/``stop``)."""
+    """The rotation (pairs in play, retired contenders) and, with ``prefill``, battles prepared per pair, refilled
+    by one daemon thread (``start``/``stop``)."""
 
     def __init__(self, contenders: dict[str, Contender], pairs: Sequence[tuple[str, str]], prompts: Sequence[str],
-                 store: VoteStore, *, per_pair: int = 4, seed: int | None = None,
-                 on_retire: Callable[[str, BaseException], None] | None = None):
+                 store: VoteStore, *, per_pair: int = 4, seed: int | None = None, prefill: bool = True):
         if per_pair < 1:
             raise ValueError(f"pool.per_pair must be ≥ 1, got {per_pair}")
         self.contenders, self.prompts, self.store, self.per_pair = contenders, list(prompts), store, per_pair
+        self.prefill = prefill
         self._stock: dict[tuple[str, str], list[Prepared]] = {tuple(p): [] for p in pairs}
         self._rng = random.Random(seed)
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._on_retire = on_retire
-        self.retired: dict[str, str] = {}
+        self._retired: dict[str, str] = {}
 
     # --- the consumer side --------------------------------------------------------------------------------------
     def take(self) -> Prepared | None:
@@ -94,19 +98,23 @@ class BattlePool:
         with self._cond:
             return {p: len(s) for p, s in self._stock.items()}
 
-    def retire(self, name: str, error: BaseException) -> None:
-        """Take ``name`` out of the rotation (idempotent); prepared battles with it are dropped."""
+    def retired(self) -> dict[str, str]:
+        """Contenders out of the rotation: name -> the error that took them out."""
         with self._cond:
-            if name in self.retired:
+            return dict(self._retired)
+
+    def retire(self, name: str, error: BaseException) -> None:
+        """Take ``name`` out of the rotation (idempotent, logged once); prepared battles with it are dropped."""
+        with self._cond:
+            if name in self._retired:
                 return
-            self.retired[name] = f"{type(error).__name__}: {error}"
+            self._retired[name] = f"{type(error).__name__}: {error}"
             for pair in [p for p in self._stock if name in p]:
                 del self._stock[pair]
+            remaining = len(self._stock)
             self._cond.notify_all()
         log.error("arena: contender %r failed to sample and is out of the rotation (%s: %s); %d pair(s) remain",
-                  name, type(error).__name__, error, len(self._stock))
-        if self._on_retire is not None:
-            self._on_retire(name, error)
+                  name, type(error).__name__, error, remaining)
 
     # --- the refiller -------------------------------------------------------------------------------------------
     def fill_once(self) -> int:
@@ -149,8 +157,9 @@ class BattlePool:
                     self._cond.wait(timeout=5.0 if not full else None)
 
     def start(self) -> "BattlePool":
+        """Start the refill thread (once; nothing happens without ``prefill``)."""
         with self._cond:
-            if self._thread is None:
+            if self._thread is None and self.prefill and not self._stop:
                 self._thread = threading.Thread(target=self._run, name="arena-battle-pool", daemon=True)
                 self._thread.start()
         return self

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from apps.store import VoteStore
-from apps.uploads import KINDS, UploadRejected, check_media
+from apps.uploads import KINDS, Media, UploadRejected, check_media
+from diffalign.atomic import atomic_path, atomic_write_text
 
 PROMPT_FILE = "prompt.txt"
 log = logging.getLogger(__name__)
@@ -64,9 +65,14 @@ class GalleryContender(Contender):
     """Pre-generated files. Every file is checked by content once, at start-up, so a battle never shows a file
     of the wrong kind. A file that is missing (a dangling link), empty, undecodable, of the wrong kind, too large
     or a link out of the gallery is *skipped*, not fatal: ``problems`` lists each with its path (the arena logs
-    them at start-up) and the rest are served. Only a gallery left with nothing to show is an error."""
+    them at start-up) and the rest are served. Only a gallery left with nothing to show is an error.
 
-    def __init__(self, name: str, folder: str | Path, kind: str, *, max_bytes: int = 200 * 2**20):
+    With a ``store`` (the arena passes its own), the checked bytes — images already decoded and re-encoded — are
+    put into the store at start-up and ``produce`` is a lookup of the file's hash: each file is decoded once.
+    Without one, ``produce`` checks and stores a file the first time it is drawn."""
+
+    def __init__(self, name: str, folder: str | Path, kind: str, *, max_bytes: int = 200 * 2**20,
+                 store: VoteStore | None = None):
         self.name, self.kind = name, kind
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -90,11 +96,13 @@ class GalleryContender(Contender):
             for f in sorted(sub.iterdir()):
                 if f.name == PROMPT_FILE or f.name.startswith("."):
                     continue
-                problem = self._check(f, root, kind, max_bytes)
+                problem, media = self._check(f, root, kind, max_bytes)
                 if problem:
                     self.problems.append(f"{f}: {problem}")
-                elif f.is_file():
+                elif media is not None:
                     files.append(f)
+                    if store is not None:
+                        self._sha[f] = store.put_media(media.data, media.ext, media.kind)
             if files:
                 self._files.setdefault(prompt, []).extend(files)
         if not self._files:
@@ -103,23 +111,24 @@ class GalleryContender(Contender):
                              f"+ files){detail}")
 
     @staticmethod
-    def _check(f: Path, root: Path, kind: str, max_bytes: int) -> str | None:
-        """Why ``f`` cannot be shown (None: it can, or it is a sub-folder, which is ignored)."""
+    def _check(f: Path, root: Path, kind: str, max_bytes: int) -> tuple[str | None, Media | None]:
+        """(why ``f`` cannot be shown, None) or (None, its checked media); (None, None) for a sub-folder, which is
+        ignored."""
         if f.is_symlink() and not f.exists():
-            return "missing (a link to a file that does not exist)"
+            return "missing (a link to a file that does not exist)", None
         if not f.is_file():
-            return None
+            return None, None
         if root not in f.resolve().parents:
-            return "links outside the gallery"
+            return "links outside the gallery", None
         if f.stat().st_size > max_bytes:
-            return f"larger than {max_bytes} bytes"
+            return f"larger than {max_bytes} bytes", None
         try:
             found = check_media(f.read_bytes(), allowed=KINDS, max_bytes=max_bytes, what=f.name)
         except (UploadRejected, OSError) as exc:
-            return f"unreadable or undecodable ({exc})"
+            return f"unreadable or undecodable ({exc})", None
         if found.kind != kind:
-            return f"is {found.kind}, but this arena shows {kind}"
-        return None
+            return f"is {found.kind}, but this arena shows {kind}", None
+        return None, found
 
     def prompts(self) -> set[str]:
         with self._lock:
@@ -213,7 +222,9 @@ def _encode(gen, out, kind: str) -> tuple[bytes, str]:
         return path.read_bytes(), path.suffix
 
 
-def build_contenders(configs: Sequence[ContenderConfig], kind: str, device: str = "cpu") -> list[Contender]:
+def build_contenders(configs: Sequence[ContenderConfig], kind: str, device: str = "cpu",
+                     store: VoteStore | None = None) -> list[Contender]:
+    """The contenders of ``configs``; with ``store``, gallery files go into it as they are checked at start-up."""
     if kind not in KINDS:
         raise ValueError(f"modality must be one of {', '.join(KINDS)}, got {kind!r}")
     names = [c.name for c in configs]
@@ -222,8 +233,8 @@ def build_contenders(configs: Sequence[ContenderConfig], kind: str, device: str 
         raise ValueError(f"contender names must be unique; repeated: {', '.join(dupes)}")
     if len(configs) < 2:
         raise ValueError(f"an arena needs at least two contenders, got {len(configs)}")
-    built = [GalleryContender(c.name, c.gallery, kind) if c.gallery is not None else LiveContender(c, kind, device)
-             for c in configs]
+    built = [GalleryContender(c.name, c.gallery, kind, store=store) if c.gallery is not None
+             else LiveContender(c, kind, device) for c in configs]
     for c in built:  # bad gallery files were skipped: say which, once, at start-up
         for problem in getattr(c, "problems", ()):
             log.warning("contender %r: skipped %s", c.name, problem)
@@ -253,12 +264,13 @@ def write_gallery(generator, prompts: Sequence[str], out: str | Path, *, per_pro
     for k, prompt in enumerate(prompts):
         folder = out / f"p{k:04d}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / PROMPT_FILE).write_text(prompt + "\n", encoding="utf-8")
+        atomic_write_text(folder / PROMPT_FILE, prompt + "\n")
         with torch.no_grad():
             media = generator.sample([prompt] * per_prompt, steps, guidance,
                                      generator=torch.Generator().manual_seed(seed + k)).media
         for i in range(per_prompt):
-            (folder / f"{i:02d}.png").write_bytes(encode_image_bytes(media[i], "PNG"))
+            with atomic_path(folder / f"{i:02d}.png") as tmp:
+                tmp.write_bytes(encode_image_bytes(media[i], "PNG"))
     return out
 
 

@@ -36,7 +36,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import hmac
 import logging
 import re
 import secrets

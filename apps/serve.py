@@ -22,13 +22,16 @@ from apps.auth import LoginGuard, PasswordCheck, SessionKeys, check_hash_format,
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7860
-    #: True: anyone may vote (identity = server-side session hash); False: only ``users`` after login.
+    #: True: anyone may vote (identity = the voter cookie this server signed, ``apps.auth.judge_of``; never Gradio's
+    #: client-chosen session hash); False: only ``users`` after login.
     open_mode: bool = False
     #: username -> pbkdf2_sha256 hash (``python -m apps.auth`` makes one); plain passwords are refused.
     users: dict[str, str] = field(default_factory=dict)
     #: usernames that may flag annotators and add items
     admins: list[str] = field(default_factory=list)
-    #: believe X-Forwarded-For / CF-Connecting-IP (only behind your own reverse proxy)
+    #: behind exactly one reverse proxy of yours: take the client address from the *last* X-Forwarded-For entry
+    #: (the one that proxy appended; ``apps.auth.client_ip``). Earlier entries and CF-Connecting-IP are never
+    #: believed: the client can write them itself
     trust_proxy_headers: bool = False
     #: handlers running at once per event (SQLite still serialises the writes themselves)
     concurrency: int = 16

@@ -7,7 +7,9 @@ accepted bytes go into the store under their content hash.
 Images are never stored as sent. Their pixel count is read from the header and checked before a pixel is decoded
 (a 17 KB PNG can declare 144 megapixels: a decompression bomb), then they are decoded and stored as a PNG
 re-encoded from the decoded pixels, so whatever rode along in the file (trailing HTML, an appended zip, metadata
-chunks) is dropped. PNG is lossless, so the pixels voters see are exactly the decoded ones.
+chunks) is dropped. The stored image has 8 bits per channel (L, RGB or RGBA) and PNG is lossless, so voters see
+exactly the decoded 8-bit pixels; a 16-bit greyscale image is reduced to its high byte
+(``diffalign.media.decode_image_bytes``), as a browser shows it, never clipped to white.
 """
 
 from __future__ import annotations
@@ -94,31 +96,27 @@ def check_media(data: bytes, *, allowed: tuple[str, ...] = KINDS, max_bytes: int
 def clean_image(data: bytes, *, max_pixels: int = MAX_PIXELS, what: str = "upload") -> bytes:
     """The image in ``data`` as a PNG made from its decoded pixels (first frame), or ``UploadRejected``.
 
-    The size comes from the header (``Image.open`` reads no pixel data) and is checked before ``load()``; PIL's
-    own decompression-bomb guard stays on as a second line, as an error rather than a warning."""
+    Decoding is ``diffalign.media.decode_image_bytes``: the size comes from the header and is checked before any
+    pixel is decoded. PIL's own decompression-bomb guard stays on as a second line, as an error rather than a
+    warning. Transparency is kept (RGBA), greyscale stays greyscale (L), everything else becomes RGB."""
     from PIL import Image
+
+    from diffalign.media import MediaError, decode_image_bytes
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width < 1 or height < 1:
-                    raise UploadRejected(f"{what}: image has no pixels ({width}×{height})")
-                if width * height > max_pixels:
-                    raise UploadRejected(f"{what}: image is {width}×{height} = {width * height / 1e6:.1f} megapixels, "
-                                         f"over the {max_pixels / 1e6:g}-megapixel limit (refused before decoding)")
-                img.load()
-                mode = "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else "RGB"
-                if img.mode in ("L", "I;16", "I") and mode == "RGB":
-                    mode = "L"
-                pixels = img.convert(mode)
-    except UploadRejected:
-        raise
+            img = decode_image_bytes(data, max_pixels=max_pixels, mode=None)
+        mode = "RGBA" if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info else "RGB"
+        if img.mode == "L" and mode == "RGB":
+            mode = "L"
+        pixels = img.convert(mode)
+        buf = io.BytesIO()
+        pixels.save(buf, format="PNG")  # a fresh file: no chunk, comment or trailing byte of the original survives
+    except MediaError as exc:
+        raise UploadRejected(f"{what}: {exc}") from None
     except Exception as exc:  # PIL raises many types for corrupt or hostile data
         raise UploadRejected(f"{what}: undecodable image ({type(exc).__name__}: {exc})") from None
-    buf = io.BytesIO()
-    pixels.save(buf, format="PNG")  # a fresh file: no chunk, comment or trailing byte of the original survives
     return buf.getvalue()
 
 

@@ -50,14 +50,38 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
-def decode_image_bytes(data: bytes) -> Image.Image:
-    """Bytes (PNG/JPEG/…) -> PIL RGB; raises MediaError when undecodable."""
+#: ``decode_image_bytes``'s default pixel limit: 8000×8000, far beyond generator outputs and preference data sets,
+#: while a PNG of a few KB can declare hundreds of megapixels (a decompression bomb)
+MAX_DECODE_PIXELS = 64_000_000
+#: 16-bit greyscale modes; PIL converts them to "L"/"RGB" by clipping, so every value above 255 would turn white
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decode_image_bytes(data: bytes, *, max_pixels: int | None = MAX_DECODE_PIXELS,
+                       mode: str | None = "RGB") -> Image.Image:
+    """Bytes (PNG/JPEG/…) -> PIL image in ``mode`` (None: as decoded, first frame); raises MediaError when
+    undecodable or over ``max_pixels`` (None: no limit here; PIL's own bomb check still applies).
+
+    The pixel count comes from the header (``Image.open`` reads no pixel data) and is checked before ``load()``,
+    so bytes from outside (data sets, uploads) cannot make this allocate more than ``max_pixels`` pixels. 16-bit
+    greyscale is reduced to 8 bits by its high byte (a linear rescale) rather than PIL's clipping."""
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
         raise MediaError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
-    return img.convert("RGB")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise MediaError(f"image has no pixels ({width}×{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaError(f"image is {width}×{height} = {width * height / 1e6:.1f} megapixels, over the "
+                         f"{max_pixels / 1e6:g}-megapixel limit (refused before decoding)")
+    try:
+        img.load()
+    except Exception as exc:
+        raise MediaError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+    if img.mode in _WIDE_GREY:
+        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    return img if mode is None else img.convert(mode)
 
 
 def encode_image_bytes(img: Image.Image | torch.Tensor, fmt: str = "PNG") -> bytes:

@@ -173,3 +173,31 @@ def test_leaderboard_csv_pairs_and_admin_export(app):
     assert "Wrote" in message and exported.endswith(".parquet")
     data = load_preferences(exported, ties="keep")
     assert len(data) == votes
+
+
+def test_vote_exports_are_handed_to_admins_and_never_served_from_the_exports_folder(app):
+    """The kept export is not a file the server serves: a signed-in voter who learns its path gets 403 (the media
+    folder, which voters must see, is still served to the same session)."""
+    import re
+    from pathlib import Path
+
+    import httpx
+
+    from apps.arena import export_dir
+
+    url, arena, cfg = app
+    bob = _client(url, "bob")
+    battle_id = bob.predict(api_name="/new_battle")[3]
+    bob.predict("left", battle_id, "", api_name="/vote")
+    downloaded, message = _client(url, "root").predict(False, api_name="/export")
+    kept = Path(message.split("`")[1])
+    assert kept.parent == export_dir(arena) and kept.is_file()
+    assert re.fullmatch(r"votes-\d{8}-\d{6}-[0-9a-f]{16}\.parquet", kept.name)
+    assert Path(downloaded).read_bytes() == kept.read_bytes()
+    media = arena.store.media_path(arena.store.battle(battle_id).media_a)
+    with httpx.Client(base_url=url.rstrip("/"), timeout=10) as ann:
+        assert ann.post("/login", data={"username": "ann", "password": PASSWORDS["ann"]}).status_code == 200
+        assert ann.get(f"/gradio_api/file={media}").status_code == 200
+        for path in (kept, kept.parent):
+            assert ann.get(f"/gradio_api/file={path}").status_code == 403
+    assert httpx.get(url.rstrip("/") + f"/gradio_api/file={kept}", timeout=10).status_code in (401, 403)

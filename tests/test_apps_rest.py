@@ -284,3 +284,20 @@ def test_prefix_router_sends_only_its_prefix_to_the_lean_app():
     assert [s[0] for s in seen] == ["lean", "lean", "gradio", "gradio", "gradio", "gradio"]
     with pytest.raises(ValueError, match="prefix"):
         PrefixRouter("api/", app("x"), app("y"))
+
+
+def test_body_depth_is_bounded_by_the_scan_on_utf8_text():
+    """The depth scan alone bounds nesting (the decoder's RecursionError would let 500 levels through): bodies are
+    UTF-8, so no UTF-16 character can hide a quote from the scan and with it thousands of real brackets."""
+    from apps.asgi import json_object
+
+    hidden = ('{"note": "\u4e22", "battle_id": ' + "[" * 5000 + "]" * 5000 + "}").encode("utf-16-le")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        json_object(hidden)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        json_object('{"side": "left"}'.encode("utf-16"))
+    with pytest.raises(ValueError, match="nested too deeply"):
+        json_object(b'{"a":' * 500 + b"1" + b"}" * 500)
+    assert json_object('{"side": "left", "note": "\u4e22 [[[[{{{{ \\" ]"}'.encode()) == {
+        "side": "left", "note": "\u4e22 [[[[{{{{ \" ]"}
+    assert json_object(b'{"a":' * 31 + b'[1]' + b"}" * 31)  # 32 levels: allowed

@@ -189,6 +189,53 @@ def test_pixel_count_is_checked_from_the_header_before_decoding(monkeypatch):
         check_media(bomb, max_pixels=10_000_000)
 
 
+def _declared_png(width, height):
+    """A tiny PNG whose header declares ``width``×``height`` (its pixel data could fill 1×1): a decompression bomb
+    as far as any reader of the header can tell, without ever allocating one here."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1), 0).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def test_the_shared_image_decoder_refuses_bombs_from_the_header(monkeypatch):
+    """``decode_image_bytes`` reads untrusted bytes for the preference readers too: the guard lives there, by
+    default, and apps' ``clean_image`` is built on it."""
+    from PIL import PngImagePlugin
+
+    from diffalign.media import MAX_DECODE_PIXELS, MediaError, decode_image_bytes
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    with pytest.raises(MediaError, match="9000×9000 = 81.0 megapixels, over the 64-megapixel limit"):
+        decode_image_bytes(_declared_png(9000, 9000))  # under PIL's own error threshold: only a warning there
+    assert 9000 * 9000 > MAX_DECODE_PIXELS
+    with pytest.raises(MediaError, match="over the 0.5-megapixel limit"):
+        decode_image_bytes(_declared_png(1000, 1000), max_pixels=500_000)
+    with pytest.raises(UploadRejected, match="avatar.png: image is 9000×9000"):
+        check_media(_declared_png(9000, 9000), max_pixels=MAX_DECODE_PIXELS, what="avatar.png")
+
+
+def test_sixteen_bit_greyscale_keeps_its_picture_instead_of_turning_white():
+    from diffalign.media import decode_image_bytes
+
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256 + 255).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")  # a 16-bit greyscale PNG
+    stored = Image.open(io.BytesIO(check_media(buf.getvalue()).data))
+    assert stored.mode == "L" and np.array_equal(np.asarray(stored), (ramp >> 8).astype(np.uint8))
+    rgb = np.asarray(decode_image_bytes(buf.getvalue()))
+    assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8))
+
+
 def test_no_path_traversal(tmp_path):
     (tmp_path / "root").mkdir()
     assert safe_child(tmp_path / "root", "a/b.png") == (tmp_path / "root" / "a" / "b.png").resolve()

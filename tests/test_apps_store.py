@@ -131,6 +131,26 @@ def test_per_address_limit_counts_every_judge_from_that_address(tmp_path):
     assert "votes_ip_time" in " ".join(str(tuple(r)) for r in plan)
 
 
+def test_per_address_limit_sees_votes_written_by_another_process(tmp_path):
+    """The count is made in the vote transaction from the database, not from a copy in this process's memory: votes
+    that a second server (another VoteStore on the same file) stored after this one last looked still count."""
+    here, there = VoteStore(tmp_path / "v.sqlite"), VoteStore(tmp_path / "v.sqlite")
+    limits = dict(session_hash="s1", rate_limit=(100, 60), ip_rate_limit=(3, 60))
+    here.record_vote(_battle(here, judge="anon:a").battle_id, "anon:a", "left", ip="10.0.0.7", **limits)
+    for k in range(2):
+        judge = f"anon:b{k}"
+        there.record_vote(_battle(there, judge=judge).battle_id, judge, "left", ip="10.0.0.7", **limits)
+    b = _battle(here, judge="anon:c")
+    before = db_snapshot(here.path)
+    with pytest.raises(RateLimited, match="from your address"):
+        here.record_vote(b.battle_id, "anon:c", "left", ip="10.0.0.7", **limits)
+    assert db_snapshot(here.path) == before
+    plan = " ".join(str(tuple(r)) for r in here.read(
+        "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM (SELECT 1 FROM votes WHERE ip = ? AND created_at > ? LIMIT ?)",
+        ("x", 0, 3)))
+    assert "votes_ip_time" in plan
+
+
 def test_media_are_stored_once_by_content_hash(tmp_path):
     store = VoteStore(tmp_path / "v.sqlite")
     s1 = store.put_media(b"same bytes", ".png", "image")

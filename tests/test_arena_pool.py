@@ -253,3 +253,75 @@ def test_serving_stops_the_pool_thread_when_the_server_stops_or_fails_to_start(t
     with pytest.raises(RuntimeError, match="front door"):
         arena_module.serve(_cfg(tmp_path / "bad"), block=True)
     assert set(_pool_threads()) <= before
+
+
+def test_the_rotation_is_kept_once_with_or_without_prepared_battles(tmp_path, caplog):
+    """One record of who is out (the pool's), whoever found the failure and whether or not battles are prepared
+    ahead: the arena, the pool and the log agree, and nothing is sampled in the background without prefill."""
+    for enabled in (False, True):
+        players = [Scripted("ok-1", 10), Scripted("ok-2", 100), Scripted("flaky", 200)]
+        players[2].fail = True
+        arena = Arena(_cfg(tmp_path / f"pool-{enabled}", pool=PoolConfig(enabled=enabled, per_pair=1)),
+                      contenders=players)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.ERROR):
+                for _ in range(20):
+                    b = arena.new_battle("j", None)
+                    assert "flaky" not in (b.model_a, b.model_b)
+                arena.pool.fill_once()
+                arena.retire("flaky", RuntimeError("reported again"))  # a second report changes nothing
+            assert arena.retired == arena.pool.retired() == {"flaky": "RuntimeError: CUDA error: device lost"}
+            assert arena.pairs == arena.pool.pairs() == [("ok-1", "ok-2")]
+            logged = [r for r in caplog.records if "'flaky' failed to sample" in r.getMessage()]
+            assert len(logged) == 1
+            background = any("arena-battle-pool" in p.threads for p in players)
+            assert background == enabled
+            assert "out of the rotation: flaky" in arena.board_view()[3]
+        finally:
+            arena.close()
+
+
+def test_one_leaderboard_refresh_reads_the_votes_once(tmp_path, monkeypatch):
+    import apps.arena as arena_module
+
+    arena = Arena(_cfg(tmp_path, pool=PoolConfig(enabled=False)))
+    for k in range(6):
+        b = arena.new_battle("j", None)
+        arena.vote(b.battle_id, "j", ("left", "right", "tie")[k % 3], session_hash=None)
+    reads, pair_tables = [], []
+    real_read, real_pairs = arena.store.rated_battles, arena_module.pair_table
+    monkeypatch.setattr(arena.store, "rated_battles", lambda **kw: reads.append(kw) or real_read(**kw))
+    monkeypatch.setattr(arena_module, "pair_table", lambda battles: pair_tables.append(1) or real_pairs(battles))
+    table, pairs, heat, summary = arena.board_view()
+    assert len(reads) == 1 and len(pair_tables) == 1
+    assert summary.startswith("6 rated votes") and sum(r[2] for r in pairs) == 6 and "<table" in heat
+    assert {r[1] for r in table} == {r["model"] for r in csv.DictReader(io.StringIO(arena.board_csv()))}
+    arena.board_view()
+    assert len(reads) == 1 and len(pair_tables) == 1  # nothing new: the cached board, no vote row read
+    b = arena.new_battle("j", None)
+    arena.vote(b.battle_id, "j", "left", session_hash=None)
+    assert arena.board_view()[3].startswith("7 rated votes") and len(reads) == 2
+
+
+def test_gallery_files_are_decoded_once_and_served_by_lookup(tmp_path, monkeypatch):
+    import apps.contenders as contenders_module
+
+    checked = []
+    real = contenders_module.check_media
+    monkeypatch.setattr(contenders_module, "check_media", lambda data, **kw: checked.append(kw["what"]) or
+                        real(data, **kw))
+    gallery = make_gallery(tmp_path / "gallery")
+    (gallery / "alpha" / "p0" / "junk.png").write_text("not an image")
+    cfg = ArenaConfig(contenders=[ContenderConfig(name=m, gallery=gallery / m) for m in MODELS],
+                      db=tmp_path / "votes.sqlite", limits=LIMITS, seed=0, pool=PoolConfig(enabled=False))
+    arena = Arena(cfg)
+    assert len(checked) == 3 * 2 * 2 + 1  # every file once at start-up (the junk too, and it is reported)
+    assert any("junk.png" in p for p in arena.contenders["alpha"].problems)
+    shown = set()
+    for _ in range(40):
+        b = arena.new_battle("j", None)
+        shown.update((m, p["file"]) for m, p in zip((b.model_a, b.model_b), (b.params["a"], b.params["b"])))
+        with Image.open(arena.store.media_path(b.media_a)) as img:
+            assert img.size == (16, 16)
+    assert len(shown) == 3 * 2 and len(checked) == 3 * 2 * 2 + 1  # battles are lookups: nothing decoded again
