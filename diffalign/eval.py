@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from diffalign.generators.base import Generator
+from diffalign.generators.base import Generator, PredictionFn
 
 
 class Scorer(Protocol):
@@ -33,14 +33,17 @@ def seeded_noise(gen: Generator, seeds: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_grid(gen: Generator, prompts: Sequence[str], noise: torch.Tensor, steps: int, guidance: float,
-                batch_size: int = 128) -> torch.Tensor:
-    """Images [P, S, C, H, W] for every prompt × noise, in batches."""
+                batch_size: int = 128, prediction_fn: PredictionFn | None = None) -> torch.Tensor:
+    """Images [P, S, C, H, W] for every prompt × noise, in batches. ``prediction_fn``, when given, goes to
+    ``gen.sample`` (e.g. a reference network's prediction, to sample the reference on the same noise); samplers that
+    bring their own (NPO / reward guidance views) are called without one."""
     flat_prompts = [p for p in prompts for _ in range(noise.shape[0])]
     flat_noise = noise.repeat(len(prompts), *([1] * (noise.dim() - 1)))
+    options = {} if prediction_fn is None else {"prediction_fn": prediction_fn}
     out = []
     for i in range(0, len(flat_prompts), batch_size):
         out.append(gen.sample(flat_prompts[i:i + batch_size], steps=steps, guidance=guidance,
-                              noise=flat_noise[i:i + batch_size]).media.cpu())
+                              noise=flat_noise[i:i + batch_size], **options).media.cpu())
     images = torch.cat(out)
     return images.view(len(prompts), noise.shape[0], *images.shape[1:])
 

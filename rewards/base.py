@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -167,3 +168,14 @@ def _batch_slice(batch: Any, sl: slice) -> Any:
 
 def _is_batched(value: Any, n: int) -> bool:
     return isinstance(value, (torch.Tensor, list, tuple)) and len(value) == n
+
+
+def score_on_reward_device(reward: Any, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """``reward.score(media, prompts)`` as float scores [B], with the media moved to the reward's own device (that
+    of its first parameter or buffer) — a reward may live elsewhere than the generator (CPU, another GPU). A
+    weightless reward, or a duck-typed one that is no module, scores the media where they are."""
+    first = None
+    if isinstance(reward, torch.nn.Module):
+        first = next(itertools.chain(reward.parameters(), reward.buffers()), None)
+    device = first.device if first is not None else media.device
+    return reward.score(media.to(device), list(prompts)).float()

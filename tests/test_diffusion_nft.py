@@ -87,6 +87,35 @@ def test_training_is_cfg_free_and_the_old_policy_is_restored(flow_folder, monkey
     assert method.round["decay"] == pytest.approx(0.5)
 
 
+def test_the_old_policy_is_swapped_in_without_copying_weights(flow_folder):
+    gen = lora_gen(flow_folder)
+    cfg = DiffusionNFTConfig(name="diffusion_nft", samples_per_prompt=2, sample_steps=2, ema_rate=0.5, ema_max=0.5)
+    method = DiffusionNFT(cfg, reward=MeanBrightness())
+    method.sample_round(gen, PROMPTS, torch.Generator().manual_seed(0))
+    params = method._trainable(gen)
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(0.05)
+    theta = {n: (p.data_ptr(), p.detach().clone()) for n, p in params}
+    old = {n: (t.data_ptr(), t.clone()) for n, t in method.old.items()}
+    with method.old_weights(gen):
+        for n, p in params:  # θ_old's own storage is in the parameter: nothing was copied
+            assert p.data_ptr() == old[n][0] and torch.equal(p, old[n][1])
+    for n, p in params:
+        assert p.data_ptr() == theta[n][0] and torch.equal(p, theta[n][1])
+        assert method.old[n].data_ptr() == old[n][0] and torch.equal(method.old[n], old[n][1])
+
+
+def test_refuses_a_family_that_is_not_flow_matching(tmp_path):
+    from tiny_models import tiny_toy_folder
+
+    unet = lora_gen(tiny_toy_folder(tmp_path / "unet"))
+    method = DiffusionNFT(DiffusionNFTConfig(name="diffusion_nft", samples_per_prompt=2, sample_steps=2),
+                          reward=MeanBrightness())
+    with pytest.raises(ValueError, match="diffusion_nft needs a flow-matching generator.*unet family"):
+        method.loss(unet, {"prompt": PROMPTS}, torch.Generator().manual_seed(0), None)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="t_min < t_max"):
         DiffusionNFT(DiffusionNFTConfig(name="diffusion_nft", t_min=0.5, t_max=0.5))

@@ -80,6 +80,29 @@ def test_eta_zero_has_no_log_prob_and_flow_grpo_refuses_it(flow_folder):
         gen.sampler_step(x, v, 0.6, 0.45, eta=0.5, sde_schedule="cps")
 
 
+def test_sample_takes_one_eta_per_step_and_passes_the_sde_schedule_to_each_step(flow_folder):
+    gen = load_generator(flow_folder)
+    noise = gen.sample_noise(2, torch.Generator().manual_seed(0))
+    out = gen.sample(PROMPTS, 4, 1.0, noise=noise, eta=[0.0, 0.5, 0.0, 0.0], sde_schedule="dance_grpo",
+                     generator=torch.Generator().manual_seed(1), return_trajectory=True)
+    assert out.stochastic.tolist() == [False, True, False, False]
+    assert torch.count_nonzero(out.log_probs[:, [0, 2, 3]]) == 0
+    ts, traj, cond = gen.sampler_timesteps(4), out.trajectory, gen.encode(PROMPTS)
+    for i in range(4):  # each stored step is the one that η and schedule give, with the sampler's own density
+        x = traj[:, i]
+        pred = gen.predict(x, ts[i].repeat(2), cond)
+        step = gen.sampler_step(x, pred, ts[i], ts[i + 1], eta=0.5 if i == 1 else 0.0, sde_schedule="dance_grpo",
+                                prev_sample=traj[:, i + 1])
+        if i != 1:  # the ODE's Euler step, exactly
+            torch.testing.assert_close(step.mean, traj[:, i + 1])
+            continue
+        # DanceGRPO's constant s = η: std = η·√(−dσ), and the density the sampler recorded
+        assert float(step.std.flatten()[0]) == pytest.approx(0.5 * math.sqrt(float(ts[1] - ts[2])), rel=1e-5)
+        torch.testing.assert_close(step.log_prob, out.log_probs[:, 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="eta has 3 values but the sampler takes 4 steps"):
+        gen.sample(PROMPTS, 4, 1.0, noise=noise, eta=[0.5, 0.5, 0.5])
+
+
 # --- mixed ODE/SDE --------------------------------------------------------------------------------------------------
 def test_mixed_mode_uses_the_sde_only_at_the_chosen_steps(flow_folder, monkeypatch):
     gen = lora_gen(flow_folder)

@@ -174,6 +174,14 @@ def test_sdxl_style_conditioning_feeds_time_ids(tmp_path):
     assert gen.sample(["low"], steps=2, guidance=2.0).media.shape == (1, 3, 8, 8)
 
 
+def test_model_dtype_can_leave_chosen_components_as_saved(folders):
+    gen = load_generator(folders["toy"], dtype="bf16", skip_cast=("denoiser",))
+    assert {p.dtype for p in gen.denoiser.parameters()} == {torch.float32}
+    assert {p.dtype for p in gen.conditioner.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="no component 'unet'"):
+        load_generator(folders["toy"], dtype="bf16", skip_cast=("unet",))
+
+
 def test_missing_and_bad_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_generator(tmp_path / "nowhere")

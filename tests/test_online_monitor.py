@@ -2,6 +2,7 @@
 drift passes its bound, for every online method, and logs to TensorBoard and monitor.jsonl."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from trainers.loop import AdapterOffReference, Trainer
 from trainers.online_monitor import MONITOR_LOG, OnlineMonitor
 from trainers.prdp import PRDP
 from trainers.recipe import load_recipe
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 class Scripted:
     """A fake reward whose mean score follows a script, one value per scoring call (then the last one)."""
@@ -84,6 +87,56 @@ def test_drift_is_measured_against_the_reference_and_bounded(flow_folder):
                 p.add_(0.5)
     mon.step(gen, ref)
     assert "drift" in mon.stop_reason
+
+
+def test_the_validation_set_is_sampled_in_batches_with_one_noise_per_seed(flow_folder, monkeypatch):
+    gen = lora_gen(flow_folder)
+    sizes = []
+    real = type(gen).sample
+
+    def spy(self, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(type(gen), "sample", spy)
+    small = OnlineMonitor(monitor_cfg(every=1, seeds=2, batch_size=3), MeanBrightness(), {"h": MeanBrightness()},
+                          None, prompts=PROMPTS)
+    values = small.step(gen, AdapterOffReference(gen))
+    assert sizes == [3, 1, 3, 1]  # 2 prompts × 2 seeds: the policy, then the reference, 3 per sampler call
+    assert small._noise.shape[0] == 2  # one x_T per seed, shared by the prompts (paired, as in evaluation)
+    sizes.clear()
+    whole = OnlineMonitor(monitor_cfg(every=1, seeds=2, batch_size=16), MeanBrightness(), {"h": MeanBrightness()},
+                          None, prompts=PROMPTS)
+    assert whole.step(gen, AdapterOffReference(gen)) == pytest.approx(values, abs=1e-6) and sizes == [4, 4]
+
+
+def test_only_the_main_process_writes(flow_folder, tmp_path, monkeypatch):
+    import trainers.online as online
+
+    recipe = load_recipe(CONFIGS / "flow_grpo.yaml", [f"model.path={flow_folder}", "method.monitor.every=1",
+                                                       "method.monitor.seeds=1", "method.monitor.steps=2"])
+    gen = lora_gen(flow_folder)
+    for main, out in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
+        monkeypatch.setattr(online, "is_main_process", lambda: main)
+        objective = FlowGRPO(recipe.method, reward=MeanBrightness())
+        objective.prepare_data(recipe, gen, out)
+        assert objective.before_step(gen, AdapterOffReference(gen)) is None
+        assert objective.monitor.history  # every rank evaluates …
+        assert (out / MONITOR_LOG).is_file() == main and (out / "logs").exists() == main  # … rank 0 writes
+
+
+def test_main_process_is_read_from_the_launcher_before_accelerate_starts(monkeypatch):
+    import accelerate.state
+
+    from trainers.online import is_main_process
+
+    monkeypatch.setattr(accelerate.state, "is_initialized", lambda: False)
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.delenv("RANK")
+    assert is_main_process()
 
 
 def make(method, reward):

@@ -17,7 +17,9 @@ from tiny_audio import tiny_stable_audio_folder
 from tiny_audioldm2 import tiny_audioldm2_folder
 from tiny_models import tiny_toy_folder
 from tiny_video import tiny_cogvideox_folder, tiny_wan_folder
-from trainers.config import InPOConfig, PRDPConfig, SelfNPOConfig, SmPOConfig
+from trainers.config import DiffusionNFTConfig, FlowGRPOConfig, InPOConfig, PRDPConfig, SelfNPOConfig, SmPOConfig
+from trainers.diffusion_nft import DiffusionNFT
+from trainers.flow_grpo import FlowGRPO
 from trainers.guidance import NPOGuidance, RewardGuidance
 from trainers.inpo import InPO
 from trainers.loop import AdapterOffReference
@@ -36,16 +38,21 @@ BUILDERS = {
     "multiview": tiny_multiview_folder,
     "shap_e": tiny_shap_e_folder,
 }
-TRAINED = ["inpo", "smpo", "prdp", "self_npo"]
+TRAINED = ["inpo", "smpo", "prdp", "self_npo", "flow_grpo", "diffusion_nft"]
 GUIDED = ["reward_guidance", "npo_guidance"]
+#: the online methods written in rectified-flow time and velocity
+FLOW_ONLY = ["flow_grpo", "diffusion_nft"]
+VP_FAMILIES = ["unet", "cogvideox", "audioldm2", "stable_audio", "multiview", "shap_e"]
 #: (family, method) -> what the error must say; the same pairs docs/families.md marks as refused
 REFUSED = {
     ("shap_e", "smpo"): "store latents",
     ("shap_e", "reward_guidance"): "no_grad",
     ("flux_distilled", "self_npo"): "guidance-distilled",
     ("flux_distilled", "npo_guidance"): "guidance-distilled",
+    **{(f, m): "needs a flow-matching generator" for f in VP_FAMILIES for m in FLOW_ONLY},
 }
 ALLOWED = [(f, m) for f in BUILDERS for m in TRAINED + GUIDED if (f, m) not in REFUSED]
+ALLOWED += [("flux_distilled", m) for m in FLOW_ONLY]  # the embedded scale in the rollouts, CFG-free training
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -85,11 +92,17 @@ def objective(method: str):
     if method == "prdp":
         return PRDP(PRDPConfig(name="prdp", samples_per_prompt=2, sample_steps=3, inner_steps=2, guidance=2.0,
                                beta=0.1), reward=MeanReward())
+    if method == "flow_grpo":
+        return FlowGRPO(FlowGRPOConfig(name="flow_grpo", samples_per_prompt=2, sample_steps=3, inner_steps=2,
+                                       guidance=2.0, clip_range=0.2), reward=MeanReward())
+    if method == "diffusion_nft":
+        return DiffusionNFT(DiffusionNFTConfig(name="diffusion_nft", samples_per_prompt=2, sample_steps=3,
+                                               inner_steps=2, guidance=2.0), reward=MeanReward())
     return SelfNPO(SelfNPOConfig(name="self_npo", ddim_steps=4, solver_steps=2, ema_decay=0.5))
 
 
 def batch_for(method: str, gen) -> dict:
-    if method == "prdp":
+    if method in ("prdp", *FLOW_ONLY):
         return {"prompt": PROMPTS[:1]}
     if method == "self_npo":
         return {"prompt": PROMPTS, "image": pair_media(gen, 2, 0)}

@@ -101,6 +101,22 @@ def test_self_npo_full_finetune_is_evaluated_as_the_negative_branch_of_its_base(
     assert Path(summary["model"]).is_dir() and "held-out" in summary["eval"]
 
 
+def test_a_full_fine_tune_under_a_low_precision_model_dtype_keeps_its_denoiser_exactly(toy, tmp_path):
+    """model.dtype casts the frozen parts only: a full fine-tune's denoiser is never cast to bf16 and back (which
+    rounds every weight), and its evaluation base is loaded the same way."""
+    from trainers.recipe import load_policy, load_recipe
+
+    sets = [x for x in shrink("self_npo", toy, tmp_path) if not x.startswith("model.lora_rank")]
+    recipe = load_recipe(CONFIGS / "self_npo.yaml", sets + ["model.lora_rank=0", "model.dtype=bf16",
+                                                             "train.mixed_precision=bf16"])
+    gen, saved = load_policy(recipe), load_generator(toy)
+    for (name, p), q in zip(gen.denoiser.named_parameters(), saved.denoiser.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q), name
+    assert {p.dtype for p in gen.conditioner.parameters()} == {torch.bfloat16}
+    lora = load_recipe(CONFIGS / "self_npo.yaml", sets + ["model.dtype=bf16"])
+    assert {p.dtype for p in load_policy(lora).denoiser.parameters()} == {torch.bfloat16}  # LoRA: frozen base
+
+
 def test_flow_dpo_refuses_the_unet_family(toy, tmp_path):
     with pytest.raises(ValueError, match="use method 'dpo'"):
         run_recipe(CONFIGS / "flow_dpo.yaml", shrink("flow_dpo", toy, tmp_path / "x"))
@@ -141,7 +157,8 @@ def test_inversion_reparametrisation_reproduces_the_inverted_latent(family, toy,
 
 
 def test_prdp_policy_log_density_of_stored_transitions_matches_the_sampler(toy):
-    from trainers.prdp import PRDP, SamplerSchedule, guided
+    from diffalign.generators.base import cfg_prediction
+    from trainers.prdp import PRDP, SamplerSchedule
 
     gen = lora_gen(toy)
     cfg = PRDPConfig(name="prdp", samples_per_prompt=2, sample_steps=4, eta=1.0, guidance=2.0)
@@ -159,11 +176,89 @@ def test_prdp_policy_log_density_of_stored_transitions_matches_the_sampler(toy):
     cond, uncond = gen.encode(["a red circle"] * 2), gen.null_conditioning(2)
     for i in range(len(sched)):
         x, prev = out.trajectory[:, i], out.trajectory[:, i + 1]
-        lp = sched.log_prob(i, x, guided(gen.predict, x, sched.timestep(i, 2, x.device), cond, uncond, 2.0), prev)
+        lp = sched.log_prob(i, x, cfg_prediction(gen.predict, x, sched.timestep(i, 2, x.device), cond, uncond, 2.0),
+                            prev)
         if lp is None:
             assert torch.count_nonzero(out.log_probs[:, i]) == 0
         else:
             torch.testing.assert_close(lp, out.log_probs[:, i], atol=1e-5, rtol=1e-5)
+
+
+def test_prdp_takes_old_densities_from_the_sampler_and_evaluates_only_the_reference(toy):
+    """θ_old drew the round, so its per-step log-densities are the sampler's own: the round stores the same values
+    the stored transitions re-evaluated under θ give, and only the reference's densities cost forwards."""
+    from trainers.prdp import PRDP, SamplerSchedule
+
+    gen = lora_gen(toy)
+    with torch.no_grad():  # θ ≠ reference, so the two densities differ
+        for n, p in gen.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    prdp = PRDP(PRDPConfig(name="prdp", samples_per_prompt=2, sample_steps=4, eta=1.0, guidance=2.0),
+                reward=_oracle())
+    forwards = []
+    hook = gen.denoiser.register_forward_hook(lambda *args: forwards.append(1))
+    prdp.sample_round(gen, ["a red circle", "a blue square"], torch.Generator().manual_seed(0),
+                      AdapterOffReference(gen))
+    hook.remove()
+    r = prdp.round
+    assert len(forwards) == 4 + len(r["steps"])  # the 4 sampling forwards (CFG batched), one per reference step
+    sched = SamplerSchedule(gen, 4, 1.0)
+    for c, i in enumerate(r["steps"]):
+        x, prev = r["traj"][:, i], r["traj"][:, i + 1]
+        pred = sched.prediction(gen.predict, x, i, r["cond"], r["uncond"], 2.0)
+        torch.testing.assert_close(r["logp_old"][:, c], sched.log_prob(i, x, pred, prev).float(), atol=1e-5,
+                                   rtol=1e-5)
+    assert not torch.allclose(r["logp_old"], r["logp_ref"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pair_noise", ["own", "winner"])
+def test_inpo_encodes_the_pair_media_once_per_step(pair_noise, toy, monkeypatch):
+    from trainers.config import InPOConfig
+    from trainers.inpo import InPO
+
+    gen = lora_gen(toy)
+    encoded = []
+    real = type(gen).encode_media
+
+    def spy(self, media):
+        encoded.append(media.shape[0])
+        return real(self, media)
+
+    monkeypatch.setattr(type(gen), "encode_media", spy)
+    batch = {"prompt": ["a red circle", "a blue square"], "chosen": torch.rand(2, 3, 8, 8),
+             "rejected": torch.rand(2, 3, 8, 8)}
+    method = InPO(InPOConfig(name="inpo", inversion_steps=3, pair_noise=pair_noise))
+    loss, _ = method.loss(gen, batch, torch.Generator().manual_seed(0), AdapterOffReference(gen))
+    assert encoded == [4] and math.isfinite(loss.item())  # winners and losers, one VAE pass
+
+
+def test_smpo_scores_a_weightless_reward_where_the_media_are():
+    """A reward without weights scores on the media's device (SmPO used to move them to the CPU)."""
+    from trainers.config import SmPOConfig
+    from trainers.smpo import SmPO
+
+    class WhereScored(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.devices = []
+
+        def score(self, media, prompts=None):
+            self.devices.append(media.device.type)
+            return torch.full((media.shape[0],), 0.5)
+
+    reward = WhereScored()
+    smpo = SmPO(SmPOConfig(name="smpo", score_min=0.0, score_max=1.0), reward=reward)
+    meta = torch.empty(2, 3, 8, 8, device="meta")  # a device that is not the CPU and needs no accelerator
+    p = smpo.preference({"prompt": ["a", "b"], "chosen": meta, "rejected": meta}, "cpu")
+    assert reward.devices == ["meta", "meta"] and p.tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_self_npo_refuses_a_one_step_grid():
+    from trainers.self_npo import SelfNPO
+
+    with pytest.raises(ValueError, match="ddim_steps must be >= 2"):
+        SelfNPO(SelfNPOConfig(name="self_npo", ddim_steps=1))
 
 
 def test_prdp_first_update_is_unclipped_and_rounds_are_reused(toy):

@@ -274,12 +274,14 @@ class OnlineMonitorConfig:
     min_train_gain: float = 0.0
     action: Literal["warn", "stop"] = "stop"
     patience: int = 1
+    #: samples per sampler call of an evaluation (the validation set is prompts × seeds)
+    batch_size: int = 16
 
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"monitor.every must be a whole number ≥ 1, got {self.every!r}")
-        if self.seeds < 1 or self.steps < 1 or self.patience < 1:
-            raise ValueError("monitor.seeds, monitor.steps and monitor.patience must be ≥ 1")
+        if self.seeds < 1 or self.steps < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ValueError("monitor.seeds, monitor.steps, monitor.patience and monitor.batch_size must be ≥ 1")
         for key in ("max_heldout_drop", "max_drift"):
             value = getattr(self, key)
             if value is not None and not value >= 0:
@@ -323,8 +325,8 @@ class FlowGRPOConfig(RewardSource, OnlineMonitoring, MethodConfig):
     samples_per_prompt: int = 4
     #: Euler/SDE steps of a training rollout (Flow-GRPO's "denoising reduction": 10 for training)
     sample_steps: int = 10
-    #: noise level η of the SDE and its schedule: "flow_grpo" s = η·√(σ/(1 − σ)) (η 0.7 in its code) or
-    #: "dance_grpo" s = η (constant)
+    #: noise level η of the SDE and its schedule: "flow_grpo" s = η·√(σ/(1 − σ)) (0.7: the noise level Flow-GRPO's
+    #: ablation settles on) or "dance_grpo" s = η (constant)
     eta: float = 0.7
     sde_schedule: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
     guidance: float = 3.0

@@ -8,6 +8,7 @@ loss calls noise each stored x0 on the forward process at σ ~ U(t_min, t_max), 
 ``add_noise``; target ``target`` = ε − x0), and minimise the negative-aware loss between the implicit positive
 policy v⁺ = (1 − β)·v_old + β·v_θ, the implicit negative v⁻ = (1 + β)·v_old − β·v_θ and the target, weighted r and
 1 − r (``trainers.losses.diffusion_nft_loss``). Only the conditional prediction is trained: no CFG at training time.
+σ and the velocity are rectified-flow quantities, so only flow-matching families run it (``require_flow``).
 
 θ_old is a copy of the trainable weights (the LoRA, or every weight of a full fine-tune) moved towards θ at each
 round by an EMA whose decay rises over training, d = min(ema_max, ema_rate·round), as the paper's schedule does;
@@ -29,6 +30,7 @@ from trainers.online import OnlineMethod
 
 class DiffusionNFT(OnlineMethod):
     method_name = "diffusion_nft"
+    flow_only = True
 
     def __init__(self, cfg: DiffusionNFTConfig, reward=None, monitor=None):
         if cfg.samples_per_prompt < 2:
@@ -70,27 +72,28 @@ class DiffusionNFT(OnlineMethod):
 
     @contextlib.contextmanager
     def old_weights(self, gen: Generator) -> Iterator[None]:
-        """Run the denoiser with θ_old in place of θ (no grad), restoring θ afterwards."""
+        """Run the denoiser with θ_old in place of θ (no grad), restoring θ afterwards. The parameters' storage is
+        swapped with θ_old's, both ways, so no weight is copied (a full fine-tune's θ is not cloned per call)."""
         if self.on_policy or self.old is None:
             yield
             return
         params = self._trainable(gen)
-        saved = {n: p.detach().clone() for n, p in params}
+        self._swap(params)
         try:
-            with torch.no_grad():
-                for n, p in params:
-                    p.copy_(self.old[n])
             yield
         finally:
-            with torch.no_grad():
-                for n, p in params:
-                    p.copy_(saved[n])
+            self._swap(params)
+
+    def _swap(self, params: list[tuple[str, torch.nn.Parameter]]) -> None:
+        for n, p in params:
+            p.data, self.old[n] = self.old[n], p.data
 
     # --- a sampling round -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator,
                      reference=None) -> None:
         cfg = self.cfg
+        self.check_family(gen)
         decay = 0.0 if self.on_policy else self.update_old(gen)
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         n, device = len(flat), gen.device

@@ -7,15 +7,16 @@ the SDE with the flow ODE's marginals (``FlowGenerator.sampler_step`` with η > 
 reward scores the final samples; advantages are group-relative. The next ``inner_steps`` loss calls re-evaluate the
 stored transitions under θ (``sampler_step(..., prev_sample=…)`` on the same grid, with the sampler's own CFG
 arithmetic) on a random ``timestep_fraction`` of the stochastic steps and minimise the clipped ratio objective
-(``trainers.losses.flow_grpo_loss``), plus optionally the closed-form KL between the policy's and the reference's
-(adapter-off) step Gaussians, ‖μ_θ − μ_ref‖²/(2s²) per dimension — Flow-GRPO's code's choice.
+(``trainers.losses.flow_grpo_loss``), plus optionally the KL between the policy's and the reference's
+(adapter-off) step Gaussians, exact in closed form since both share the std s: ‖μ_θ − μ_ref‖²/(2s²) per dimension
+(docs/online_rl.md, "Objective").
 
 Mixed ODE/SDE mode (MixGRPO, arXiv 2507.21802; TempFlow-GRPO): ``sde_steps`` names the only steps that are SDE
 (the rest are Euler ODE steps with no density and no gradient); ``sde_random`` draws that many of them per round.
 Fewer stochastic steps mean fewer forwards per update and credit assigned where the branching happened.
 
-Choices (docs/online_rl.md): log-densities are per-dimension means (the seam's convention, as Flow-GRPO's code),
-so ε and β_KL are on that scale; the last Euler step (to σ = 0) is deterministic and never trained.
+Choices (docs/online_rl.md, "Conventions"): log-densities are per-dimension means (the seam's convention, so ε and
+β_KL do not scale with resolution); the last Euler step (to σ = 0) is deterministic and never trained.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from trainers.online import OnlineMethod
 
 class FlowGRPO(OnlineMethod):
     method_name = "flow_grpo"
+    flow_only = True
 
     def __init__(self, cfg: FlowGRPOConfig, reward=None, monitor=None):
         if cfg.eta <= 0:
@@ -52,8 +54,9 @@ class FlowGRPO(OnlineMethod):
 
     # --- the seam's step with this method's SDE -------------------------------------------------------------------
     def step(self, gen: Generator, x: torch.Tensor, pred: torch.Tensor, ts: torch.Tensor, i: int, eta: float,
-             generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> StepOutput:
-        return gen.sampler_step(x, pred, ts[i], ts[i + 1], eta=eta, generator=generator, prev_sample=prev_sample,
+             prev_sample: torch.Tensor) -> StepOutput:
+        """The density of a stored transition ``x → prev_sample`` at grid step ``i`` (the rollout's own SDE)."""
+        return gen.sampler_step(x, pred, ts[i], ts[i + 1], eta=eta, prev_sample=prev_sample,
                                 sde_schedule=self.cfg.sde_schedule)
 
     def stochastic_steps(self, n_steps: int, rng: torch.Generator) -> list[int]:
@@ -75,33 +78,26 @@ class FlowGRPO(OnlineMethod):
     def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator,
                      reference=None) -> None:
         cfg = self.cfg
-        if gen.prediction_type != "flow":
-            raise ValueError(f"flow_grpo needs a flow-matching generator (its SDE sampler), got the {gen.family} "
-                             f"family ({type(gen).__name__})")
+        self.check_family(gen)
         flat = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         n, device = len(flat), gen.device
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng))
         g = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn(gen.latent_shape(n), generator=torch.Generator().manual_seed(seed)).to(device, gen.dtype)
-        cond, uncond = gen.sampling_conditions(flat, cfg.guidance)
+        noise = torch.randn(gen.latent_shape(n), generator=torch.Generator().manual_seed(seed)).to(device, gen.dtype)
         ts = gen.sampler_timesteps(cfg.sample_steps)
         sde = set(self.stochastic_steps(len(ts) - 1, rng))
-        traj, steps, logp_old = [x], [], []
-        for i in range(len(ts) - 1):
-            pred = gen.guided_prediction(x, per_row(ts[i], n, device), cond, uncond, cfg.guidance)
-            out = self.step(gen, x, pred, ts, i, cfg.eta if i in sde else 0.0, generator=g)
-            if i in sde and out.log_prob is not None:
-                steps.append(i)
-                logp_old.append(out.log_prob.float())
-            x = out.prev_sample
-            traj.append(x)
+        etas = [cfg.eta if i in sde else 0.0 for i in range(len(ts) - 1)]  # η = 0: the ODE's Euler step
+        out = gen.sample(flat, cfg.sample_steps, cfg.guidance, generator=g, noise=noise, eta=etas,
+                         return_trajectory=True, sde_schedule=cfg.sde_schedule)
+        steps = [i for i in sorted(sde) if bool(out.stochastic[i])]
         if not steps:
             raise ValueError("flow_grpo: the rollout took no stochastic step (check eta, sample_steps, sde_steps)")
-        rewards = self.score(gen.decode(x), flat).to(device)
+        rewards = self.score(out.media, flat).to(device)
         self.samples_drawn += n
         adv = group_advantages(rewards, cfg.samples_per_prompt, eps=cfg.adv_eps, clip=cfg.adv_clip)
-        self.round = {"traj": torch.stack(traj, 1), "ts": ts, "cond": cond, "uncond": uncond, "steps": steps,
-                      "logp_old": torch.stack(logp_old, 1), "rewards": rewards, "advantages": adv}
+        cond, uncond = gen.sampling_conditions(flat, cfg.guidance)  # what the loss calls re-evaluate steps with
+        self.round = {"traj": out.trajectory, "ts": ts, "cond": cond, "uncond": uncond, "steps": steps,
+                      "logp_old": out.log_probs[:, steps].float(), "rewards": rewards, "advantages": adv}
         self.uses = 0
 
     # --- the objective --------------------------------------------------------------------------------------------

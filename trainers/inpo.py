@@ -34,8 +34,9 @@ def reparametrised_noise(gen: Generator, x0: torch.Tensor, xt: torch.Tensor, t: 
 
 
 def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, inversion_steps: int,
-                         renoise_iters: int = 0, eta: float = 0.0):
+                         renoise_iters: int = 0, eta: float = 0.0, return_x0: bool = False):
     """Like ``noisy_pair_inputs`` but x̃_t comes from inverting each image with the current model (no grad).
+    ``return_x0`` appends the encoded [winners; losers] x0, so a caller needing it does not encode them again.
 
     One t per pair. Pairs are grouped by how many inversion grid points lie ≤ t, so each group costs one batched
     ``invert`` call instead of one per pair (InPO's code assumes one pair per GPU for this reason). Pairs whose
@@ -64,6 +65,8 @@ def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Gener
         inverted[idx] = True
     eps = reparametrised_noise(gen, x0, xt, t2)
     eps = torch.where(inverted.to(x0.device).view(-1, *([1] * (x0.dim() - 1))), eps, noise2)
+    if return_x0:
+        return xt, t2, cond, gen.target(x0, eps, t2), inverted, x0
     return xt, t2, cond, gen.target(x0, eps, t2), inverted
 
 
@@ -100,10 +103,10 @@ def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg
         from trainers.sampler_path import sampler_path_pair_inputs
 
         xt, t, cond, target, inverted, x0 = sampler_path_pair_inputs(gen, batch, rng, paths, return_x0=True)
-    else:
-        xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps,
-                                                             renoise_iters=renoise_iters, eta=cfg.inversion_eta)
-        x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
+    else:  # x0 comes back with the inputs: the media are encoded (a VAE pass) once per step
+        xt, t, cond, target, inverted, x0 = inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps,
+                                                                 renoise_iters=renoise_iters,
+                                                                 eta=cfg.inversion_eta, return_x0=True)
     if cfg.pair_noise == "winner":
         xt, target = share_winner_noise(gen, xt, t, x0)
     return xt, t, cond, target, inverted

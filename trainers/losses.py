@@ -218,8 +218,9 @@ def rwr_loss(model_err: torch.Tensor, rewards: torch.Tensor, temperature: float 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
                      clip: float | None = None) -> torch.Tensor:
     """GRPO's group-relative advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025, Eq. 4): rows are G = ``group_size``
-    consecutive samples of one prompt, A_i = (r_i − mean_G r) / (std_G r + eps) with the population std (ddof 0, as
-    Flow-GRPO's code). A constant-reward group gives exactly 0 (no NaN); ``clip`` bounds |A| (Flow-GRPO: 5).
+    consecutive samples of one prompt, A_i = (r_i − mean_G r) / (std_G r + eps) with the population std (ddof 0: the
+    group is normalised as a whole; docs/online_rl.md, "Advantages"). A constant-reward group gives exactly 0 (no
+    NaN); ``clip`` bounds |A| (5 by default).
     Returns [N] in float32 or wider."""
     if group_size < 2:
         raise ValueError(f"group_advantages: group_size must be >= 2, got {group_size}")

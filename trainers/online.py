@@ -5,25 +5,54 @@ reward-hacking monitor (``trainers/online_monitor.py``), built from ``cfg.monito
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from diffalign.generators.base import Generator
+from trainers.lazy_reward import LazyReward
 
 
 def collate_prompts(rows: Sequence[str]) -> dict[str, Any]:
     return {"prompt": list(rows)}
 
 
-class OnlineMethod:
+def require_flow(gen: Generator, method: str) -> None:
+    """Refuse a generator that is not a flow-matching one, naming the method, the family and why.
+
+    Flow-GRPO's SDE (Liu et al. 2025, Eq. 9) and DiffusionNFT's forward process x_σ = (1 − σ)·x0 + σ·ε, with
+    σ ~ U(t_min, t_max) ⊂ [0, 1], are written in rectified-flow time and velocity. A VP family (UNet, CogVideoX,
+    AudioLDM2, multi-view, Shap-E: integer DDPM steps; Stable Audio: cosine τ) would read σ as its own timestep —
+    a DDPM index turns every σ < 1 into step 0 — and train on wrong maths without any error."""
+    if gen.prediction_type != "flow":
+        raise ValueError(f"{method} needs a flow-matching generator (rectified-flow time σ in [0, 1] and a velocity "
+                         f"prediction), got the {gen.family} family ({type(gen).__name__}, "
+                         f"{gen.prediction_type} prediction); docs/families.md lists the methods each family runs")
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process (rank 0) of the run. Once an Accelerator exists accelerate's state answers;
+    before, the launcher's ``RANK`` does (accelerate launch / torchrun set it; a plain run is rank 0). Asking
+    ``PartialState()`` before the Accelerator would fix accelerate's shared device state early (with its defaults),
+    and the loop's later ``Accelerator(cpu=True)`` reuses that state instead of choosing the CPU."""
+    from accelerate.state import PartialState, is_initialized
+
+    if is_initialized():
+        return PartialState().is_main_process
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class OnlineMethod(LazyReward):
     """Base of the online objectives. Subclasses set ``method_name`` and implement ``sample_round``, which
-    stores what the following loss calls train on in ``self.round``."""
+    stores what the following loss calls train on in ``self.round``; those that are written in flow-matching time
+    set ``flow_only`` and call ``check_family`` first."""
 
     collate = staticmethod(collate_prompts)
     cfg: Any
     method_name: str = "online"
+    flow_only: bool = False
 
     def _init_online(self, reward=None, monitor=None) -> None:
         self._reward = reward
@@ -34,33 +63,27 @@ class OnlineMethod:
         self.samples_drawn = 0
         self.reward_calls = 0
 
-    @property
-    def reward(self):
-        if self._reward is None:
-            from rewards import load_reward
-
-            self._reward = load_reward(self.cfg.reward, checkpoint=self.cfg.reward_checkpoint)
-        return self._reward
+    def check_family(self, gen: Generator) -> None:
+        if self.flow_only:
+            require_flow(gen, self.method_name)
 
     def prepare_data(self, recipe, gen: Generator, out_dir: Path):
         from diffalign.sampling import read_prompts
         from trainers.online_monitor import OnlineMonitor
 
+        self.check_family(gen)  # before any reward, monitor or prompt is loaded
         if recipe.data.prompts is None:
             raise ValueError(f"{self.method_name} is online: give data.prompts (a toy prompt set name or a text "
                              "file of prompts)")
-        if self.monitor is None:
-            self.monitor = OnlineMonitor.from_recipe(getattr(self.cfg, "monitor", None), self.reward, out_dir,
-                                                     recipe.seed)
+        if self.monitor is None:  # every rank evaluates (the loop agrees on stopping); only the main one writes
+            self.monitor = OnlineMonitor.from_recipe(getattr(self.cfg, "monitor", None), self.reward,
+                                                     out_dir if is_main_process() else None, recipe.seed)
         return read_prompts(recipe.data.prompts)
 
     def score(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """The training reward of ``media`` on the reward's own device (counted in ``reward_calls``)."""
-        reward = self.reward
-        tensors = list(reward.parameters()) + list(reward.buffers()) if isinstance(reward, torch.nn.Module) else []
-        device = tensors[0].device if tensors else media.device
         self.reward_calls += len(prompts)
-        return reward.score(media.to(device), list(prompts)).float()
+        return self.score_media(media, prompts)
 
     def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator, reference=None) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement sample_round")

@@ -6,11 +6,13 @@ validation set with held-out rewards and the drift from the reference, and to st
 while they degrade. This file is that guard, owned by an online objective and called by the shared loop before
 each optimizer step (``Objective.before_step``), on the weights that step would update:
 
-* the validation set is ``prompts`` × ``seeds`` with noise fixed once, sampled with the ODE (η = 0), so successive
-  evaluations differ only by the weights;
+* the validation set is ``prompts`` × ``seeds`` with noise fixed once (one x_T per seed, ``diffalign.eval``'s
+  seeded noise and batched ``sample_grid``), sampled with the ODE (η = 0), so successive evaluations differ only by
+  the weights;
 * the first evaluation (before any update) is the baseline; the reference's samples of the same noise are drawn
   once, and the drift is the mean squared difference of policy and reference media (in [0, 1]);
-* every value goes to TensorBoard (``<output_dir>/logs/monitor``) and to ``<output_dir>/monitor.jsonl``;
+* every value goes to TensorBoard (``<output_dir>/logs/monitor``) and to ``<output_dir>/monitor.jsonl``, written by
+  the main process only (the other ranks of a distributed run evaluate with ``out_dir`` None);
 * when the training reward has risen by more than ``min_train_gain`` while a held-out reward fell by more than
   ``max_heldout_drop`` (or the drift passed ``max_drift``) for ``patience`` evaluations in a row, it warns or sets
   ``stop_reason``: the loop then ends cleanly before the next update, and the run still writes its LoRA, a
@@ -26,7 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from diffalign.eval import sample_grid, seeded_noise
 from diffalign.generators.base import Generator
+from rewards.base import score_on_reward_device
 from trainers.config import OnlineMonitorConfig
 
 logger = logging.getLogger(__name__)
@@ -49,8 +53,9 @@ class OnlineMonitor:
         self.cfg = cfg
         self.train_reward = train_reward
         self.heldout = dict(heldout)
-        self.prompts = [p for p in (prompts if prompts is not None else read_prompts(cfg.prompts))
-                        for _ in range(cfg.seeds)]
+        self.unique_prompts = list(prompts if prompts is not None else read_prompts(cfg.prompts))
+        #: the validation set's prompt per sample: each prompt once per seed
+        self.prompts = [p for p in self.unique_prompts for _ in range(cfg.seeds)]
         if not self.prompts:
             raise ValueError(f"monitor.prompts {cfg.prompts!r}: no prompts")
         self.seed = seed
@@ -67,9 +72,10 @@ class OnlineMonitor:
         self._writer = None
 
     @classmethod
-    def from_recipe(cls, cfg: OnlineMonitorConfig | None, train_reward, out_dir: Path, seed: int
+    def from_recipe(cls, cfg: OnlineMonitorConfig | None, train_reward, out_dir: Path | None, seed: int
                     ) -> "OnlineMonitor | None":
-        """The monitor a recipe's ``method.monitor`` asks for (held-out rewards loaded by name), or None."""
+        """The monitor a recipe's ``method.monitor`` asks for (held-out rewards loaded by name), or None.
+        ``out_dir`` None: evaluate and act, but write nothing (the other ranks of a distributed run)."""
         if cfg is None:
             return None
         from rewards import load_reward
@@ -93,24 +99,24 @@ class OnlineMonitor:
 
     # --- evaluation -----------------------------------------------------------------------------------------------
     def _score(self, reward, media: torch.Tensor) -> float:
-        tensors = list(reward.parameters()) + list(reward.buffers()) if isinstance(reward, torch.nn.Module) else []
-        device = tensors[0].device if tensors else media.device
-        return float(reward.score(media.to(device), self.prompts).float().mean())
+        return float(score_on_reward_device(reward, media, self.prompts).mean())
+
+    def _sample(self, gen: Generator, prediction_fn: Callable | None = None) -> torch.Tensor:
+        """Media [P·S, …] of the validation set (prompt-major, as ``self.prompts``), ``batch_size`` per call."""
+        cfg = self.cfg
+        grid = sample_grid(gen, self.unique_prompts, self._noise.to(gen.device, gen.dtype), cfg.steps, cfg.guidance,
+                           batch_size=cfg.batch_size, prediction_fn=prediction_fn)
+        return grid.flatten(0, 1).float()
 
     @torch.no_grad()
     def evaluate(self, gen: Generator, reference) -> dict[str, float]:
-        cfg = self.cfg
-        if self._noise is None:
-            self._noise = torch.randn(gen.latent_shape(len(self.prompts)),
-                                      generator=torch.Generator().manual_seed(self.seed + 7_777))
-        noise = self._noise.to(gen.device, gen.dtype)
-        media = gen.sample(self.prompts, cfg.steps, cfg.guidance, noise=noise).media.float()
+        if self._noise is None:  # one x_T per seed, shared by every prompt (paired, as the run's evaluation)
+            self._noise = seeded_noise(gen, [self.seed + 7_777 + k for k in range(self.cfg.seeds)])
+        media = self._sample(gen)
         if self._reference_media is None:
-            ref_fn = _reference_prediction(gen, reference)
-            self._reference_media = gen.sample(self.prompts, cfg.steps, cfg.guidance, noise=noise,
-                                               prediction_fn=ref_fn).media.float()
+            self._reference_media = self._sample(gen, _reference_prediction(gen, reference))
         values = {"train_reward": self._score(self.train_reward, media),
-                  "drift": float((media - self._reference_media.to(media.device)).pow(2).mean())}
+                  "drift": float((media - self._reference_media).pow(2).mean())}
         for name, reward in self.heldout.items():
             values[f"heldout/{name}"] = self._score(reward, media)
         return values

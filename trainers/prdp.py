@@ -2,7 +2,8 @@
 
 Each sampling round draws ``samples_per_prompt`` stochastic trajectories (η > 0, so every step is Gaussian and
 has a log-density) per prompt of the batch with the current weights — these are θ_old — scores the final images
-with any RewardModel, and stores per-step log-densities under θ_old and under the reference. The next
+with any RewardModel, and stores per-step log-densities under θ_old (the sampler's own, returned with the
+trajectory) and under the reference (re-evaluated on the stored transitions). The next
 ``inner_steps`` loss calls reuse that round: the policy's log-density of the *stored* transitions is evaluated
 with the seam's ``sampler_step(..., prev_sample=…)`` on ``sampler_timesteps``, with the sampler's own prediction
 arithmetic (``guided_prediction``), so the same sampler, grid and CFG scale that drew them, on every family; and
@@ -26,14 +27,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from diffalign.generators.base import Conditioning, Generator, cfg_prediction
+from diffalign.generators.base import Conditioning, Generator
 from trainers.config import PRDPConfig
 from trainers.losses import prdp_loss
 from trainers.online import OnlineMethod
-
-
-#: u + w·(c − u) with any ``predict`` — the samplers' CFG arithmetic (kept for callers of the old name)
-guided = cfg_prediction
 
 
 class SamplerSchedule:
@@ -93,22 +90,20 @@ class PRDP(OnlineMethod):
         sched = SamplerSchedule(gen, cfg.sample_steps, cfg.eta)
         cond, uncond = gen.sampling_conditions(flat, cfg.guidance)
         traj = out.trajectory
-        logp_old, logp_ref, stochastic = [], [], []
-        for i in range(len(sched)):
-            x, prev = traj[:, i], traj[:, i + 1]
-            old = sched.log_prob(i, x, sched.prediction(gen.predict, x, i, cond, uncond, cfg.guidance), prev)
-            if old is None:
-                continue
-            ref = sched.log_prob(i, x, sched.prediction(reference.predict, x, i, cond, uncond, cfg.guidance), prev)
-            stochastic.append(i)
-            logp_old.append(old.float())
-            logp_ref.append(ref.float())
+        # θ_old's densities are the sampler's own (it drew the steps); only the reference's are computed here
+        stochastic = out.stochastic.nonzero().flatten().tolist()
         if not stochastic:
             raise ValueError("prdp: the sampler took no stochastic step (eta or steps too small)")
+        logp_ref = []
+        for i in stochastic:
+            x, prev = traj[:, i], traj[:, i + 1]
+            ref = sched.log_prob(i, x, sched.prediction(reference.predict, x, i, cond, uncond, cfg.guidance), prev)
+            logp_ref.append(ref.float())
+        logp_old = out.log_probs[:, stochastic].float()
         pa, pb = zip(*[(g0 * k + a, g0 * k + b) for g0 in range(len(prompts)) for a in range(k)
                        for b in range(a + 1, k)])
         self.round = {"traj": traj, "rewards": rewards, "cond": cond, "uncond": uncond,
-                      "steps": stochastic, "logp_old": torch.stack(logp_old, 1), "logp_ref": torch.stack(logp_ref, 1),
+                      "steps": stochastic, "logp_old": logp_old, "logp_ref": torch.stack(logp_ref, 1),
                       "pair_a": torch.tensor(pa, device=device), "pair_b": torch.tensor(pb, device=device),
                       "schedule": sched}
         self.uses = 0

@@ -79,12 +79,25 @@ def prepare_data(recipe: Recipe, gen: Generator, out_dir: Path):
     return load_preferences(cached, ties=data.ties, max_bad_fraction=data.max_bad_fraction)
 
 
+def load_policy(recipe: Recipe, device: str = "cpu") -> Generator:
+    """The recipe's generator as it is trained: frozen parts in ``model.dtype``; a full fine-tune's denoiser in fp32
+    and never cast down first (that would lose precision and save nothing). The full fine-tune's evaluation base is
+    loaded the same way, so base and tuned differ only by training."""
+    from diffalign.generators.registry import load_generator
+
+    full = recipe.model.lora_rank == 0
+    gen = load_generator(recipe.model.path, device=device, dtype=recipe.model.dtype,
+                         skip_cast=("denoiser",) if full else ())
+    if full:
+        gen.denoiser.float()  # a full fine-tune trains the denoiser's own weights: they stay fp32
+    return gen
+
+
 def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     from accelerate.utils import set_seed
 
     from diffalign.attention.option import apply_attention, summary_line, write_attention_log
     from diffalign.generators.lora import add_lora, save_lora
-    from diffalign.generators.registry import load_generator
     from trainers.evaluate import evaluate_generator
     from trainers.loop import Trainer
     from trainers.methods import build_objective
@@ -96,9 +109,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     set_seed(recipe.seed)
     timings: dict[str, float] = {}
     t0 = time.time()
-    gen = load_generator(recipe.model.path, dtype=recipe.model.dtype)
-    if recipe.model.lora_rank == 0:
-        gen.denoiser.float()  # a full fine-tune trains the denoiser's own weights: they stay fp32
+    gen = load_policy(recipe)
     objective = build_objective(recipe.method, recipe.data)
     # methods that read something other than pairs (ranked lists, captioned samples, prompts) bring their own data
     custom_data = getattr(objective, "prepare_data", None)
@@ -145,7 +156,7 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
             summary["lora"] = str(save_lora(gen, out / "lora").parent)
         if recipe.eval is not None:
             t2 = time.time()
-            base = load_generator(recipe.model.path, device=str(gen.device)) if full else None
+            base = load_policy(recipe, device=str(gen.device)) if full else None  # the tuned model's precision
             if base is not None:
                 apply_attention(base, recipe.model.attention, "model.attention")
             view = getattr(objective, "eval_view", None)  # inference-time methods (Self-NPO) sample through guidance

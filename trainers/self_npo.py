@@ -38,9 +38,12 @@ class SelfNPO:
     collate = staticmethod(collate_samples)
 
     def __init__(self, cfg: SelfNPOConfig):
-        if cfg.solver_steps < 1 or cfg.ddim_steps < 1:
-            raise ValueError(f"self_npo: solver_steps ({cfg.solver_steps}) and ddim_steps ({cfg.ddim_steps}) "
-                             "must be >= 1")
+        if cfg.solver_steps < 1:
+            raise ValueError(f"self_npo: solver_steps must be >= 1, got {cfg.solver_steps}")
+        if cfg.ddim_steps < 2:
+            raise ValueError(f"self_npo: ddim_steps must be >= 2, got {cfg.ddim_steps}: with one step the teacher "
+                             "has no step to take and its x̂0 is read at the noisiest timestep, where α = 0 on flow "
+                             "families (σ = 1) and the re-noising ratio α′/α blows up")
         if not 0.0 <= cfg.ema_decay <= 1.0:
             raise ValueError(f"self_npo: ema_decay must be in [0, 1], got {cfg.ema_decay}")
         self.cfg = cfg

@@ -16,10 +16,11 @@ import torch
 from diffalign.generators.base import Generator
 from trainers.config import SmPOConfig
 from trainers.inpo import pair_errors, pair_inputs, pair_metrics
+from trainers.lazy_reward import LazyReward
 from trainers.losses import smoothed_preference, smpo_loss
 
 
-class SmPO:
+class SmPO(LazyReward):
     def __init__(self, cfg: SmPOConfig, reward=None):
         from trainers.sampler_path import SamplerPaths
 
@@ -27,24 +28,14 @@ class SmPO:
         self._reward = reward
         self.paths = SamplerPaths()
 
-    @property
-    def reward(self):
-        if self._reward is None:
-            from rewards import load_reward
-
-            self._reward = load_reward(self.cfg.reward, checkpoint=self.cfg.reward_checkpoint)
-        return self._reward
-
     @torch.no_grad()
     def preference(self, batch: dict[str, Any], device) -> torch.Tensor:
-        """p for each pair from the reward's scores (on the reward's device, then moved to ``device``)."""
-        reward = self.reward
-        tensors = list(reward.parameters()) + list(reward.buffers())
-        rdev = tensors[0].device if tensors else torch.device("cpu")
+        """p for each pair from the reward's scores (on the reward's device — or the media's, for a reward
+        without weights — then moved to ``device``)."""
         prompts = list(batch["prompt"])
-        sw = reward.score(batch["chosen"].to(rdev), prompts).float()
-        sl = reward.score(batch["rejected"].to(rdev), prompts).float()
-        return smoothed_preference(sw, sl, self.cfg.score_min, self.cfg.score_max).to(device)
+        sw = self.score_media(batch["chosen"], prompts)
+        sl = self.score_media(batch["rejected"], prompts)
+        return smoothed_preference(sw, sl.to(sw.device), self.cfg.score_min, self.cfg.score_max).to(device)
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         gen.require("scored_pair_media", "smpo")

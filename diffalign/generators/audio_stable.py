@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from diffalign.generators.base import Conditioning, Generator
+from diffalign.generators.base import Conditioning, Generator, uniform_time_above
 from diffalign.generators.family_parts import load_part, read_settings, save_family
 from diffalign.generators.loading import PipelineFolderError, read_model_index
 from diffalign.generators.text import TextConditioner
@@ -178,9 +178,7 @@ class StableAudioGenerator(UNetGenerator):
         return torch.rand(batch, generator=generator).to(self.device)
 
     def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(low.shape[0], generator=generator).to(low.device)
-        low = low.float()
-        return (low + u * (1 - low)).clamp(max=1 - 1e-6)
+        return uniform_time_above(low, generator)
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ(τ) = cos²(πτ/2) [B] in float64."""

@@ -95,8 +95,9 @@ class SampleOutput:
 
     ``media`` is decoded output (images: float [B, 3, H, W] in [0, 1]); ``latents`` the final x0 in denoiser
     space. With ``return_trajectory=True``: ``trajectory`` [B, S+1, …] holds x_T … x_0, ``timesteps`` the S
-    timesteps used, and ``log_probs`` [B, S] the log-density of each stochastic step (η > 0 for DDIM/SDE
-    samplers; online methods such as PRDP need it).
+    timesteps used, ``log_probs`` [B, S] the log-density of each stochastic step (η > 0 for DDIM/SDE
+    samplers; online methods such as PRDP and Flow-GRPO need it; 0 for deterministic steps) and ``stochastic`` [S]
+    which steps had one.
     """
 
     media: torch.Tensor
@@ -104,6 +105,8 @@ class SampleOutput:
     trajectory: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
+    #: [S] bool: which steps were Gaussian (std > 0 for some row), i.e. where ``log_probs`` is a real density
+    stochastic: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,6 +150,14 @@ def per_row(t: torch.Tensor | float | int, n: int, device) -> torch.Tensor:
     in float64, so a σ passed as a number is not rounded to float32)."""
     t = torch.as_tensor(t, device=device, dtype=torch.float64 if isinstance(t, float) else None)
     return t.expand(n) if t.dim() == 0 else t.to(device)
+
+
+def uniform_time_above(low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per row, u ~ U(low, 1) kept below 1: ``sample_timesteps_above`` of the continuous-time families (flow σ,
+    Stable Audio's τ), whose noisiest training time is 1 (excluded: σ = 1 has no signal left to re-noise)."""
+    u = torch.rand(low.shape[0], generator=generator).to(low.device)
+    low = low.float()
+    return (low + u * (1 - low)).clamp(max=1 - 1e-6)
 
 
 def cfg_prediction(predict: Callable, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -275,33 +286,43 @@ class Generator(nn.Module, abc.ABC):
         *,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
-        eta: float = 0.0,
+        eta: float | Sequence[float] = 0.0,
         return_trajectory: bool = False,
         negative_cond: Conditioning | None = None,
         progress: bool = False,
         prediction_fn: PredictionFn | None = None,
+        **step_options,
     ) -> SampleOutput:
         """Sample with classifier-free guidance (``guidance`` ≤ 1 disables the unconditional branch) by walking
         ``sampler_timesteps`` with ``sampler_step``. ``prediction_fn(x, t, cond, uncond, guidance)`` replaces
         ``guided_prediction`` as what each step uses (reward guidance, NPO's negative branch); the grid, η and the
-        trajectory / log-density bookkeeping stay the sampler's own."""
+        trajectory / log-density bookkeeping stay the sampler's own.
+
+        ``eta`` is one η for every step or one per step (mixed ODE/SDE sampling: 0 where a step is the ODE's);
+        ``step_options`` go to every ``sampler_step`` call unchanged (the flow family's ``sde_schedule``)."""
         b = len(prompts)
         cond, uncond, x = self.sampling_inputs(prompts, guidance, noise, generator, negative_cond)
         ts = self.sampler_timesteps(steps)
+        n_steps = len(ts) - 1
+        etas = [float(e) for e in eta] if isinstance(eta, Sequence) else [float(eta)] * n_steps
+        if len(etas) != n_steps:
+            raise ValueError(f"sample: eta has {len(etas)} values but the sampler takes {n_steps} steps")
         predict = prediction_fn or self.guided_prediction
-        traj, log_probs = [x], []
-        for i in tqdm(range(len(ts) - 1), disable=not progress, desc="sampling", leave=False):
+        traj, log_probs, stochastic = [x], [], []
+        for i in tqdm(range(n_steps), disable=not progress, desc="sampling", leave=False):
             t = per_row(ts[i], b, self.device)
-            step = self.sampler_step(x, predict(x, t, cond, uncond, guidance), ts[i], ts[i + 1], eta=eta,
-                                     generator=generator)
+            step = self.sampler_step(x, predict(x, t, cond, uncond, guidance), ts[i], ts[i + 1], eta=etas[i],
+                                     generator=generator, **step_options)
             x = step.prev_sample
             traj.append(x)
+            stochastic.append(step.log_prob is not None)
             log_probs.append(step.log_prob if step.log_prob is not None else torch.zeros(b, device=x.device))
         out = SampleOutput(media=self.decode(x), latents=x)
         if return_trajectory:
             out.trajectory = torch.stack(traj, dim=1)
             out.timesteps = ts[:-1].cpu()
             out.log_probs = torch.stack(log_probs, dim=1)  # deterministic steps contribute 0
+            out.stochastic = torch.tensor(stochastic, dtype=torch.bool)
         return out
 
     @abc.abstractmethod

@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from diffalign.generators.base import Conditioning, Generator, StepOutput, gaussian_step, per_row
+from diffalign.generators.base import (Conditioning, Generator, StepOutput, gaussian_step, per_row,
+                                      uniform_time_above)
 from diffalign.generators.loading import load_component, read_model_index, save_components
 from diffalign.generators.text import SD3Conditioner, TextConditioner, ToyConditioner
 
@@ -52,9 +53,7 @@ class FlowGenerator(Generator):
         return torch.sigmoid(self.logit_mean + self.logit_std * n).to(self.device)
 
     def sample_timesteps_above(self, low: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(low.shape[0], generator=generator).to(low.device)
-        low = low.float()
-        return (low + u * (1 - low)).clamp(max=1 - 1e-6)
+        return uniform_time_above(low, generator)
 
     def noise_schedule(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.as_tensor(t).reshape(-1).to(torch.float64)
@@ -102,10 +101,10 @@ class FlowGenerator(Generator):
 
             x_next = x + [v + s²/(2σ)·(x + (1 − σ)·v)]·dσ + s·√(−dσ)·z,   s = η·√(σ / (1 − σ))
 
-        (x + (1 − σ)·v is the ε̂ the velocity implies, so the bracket is v − (s²/2)·∇log p_σ). At σ = 1 the
-        denominator uses σ_next instead, as Flow-GRPO does (its ``sigma_max``); steps from or to σ = 0 stay
-        deterministic. ``sde_schedule="dance_grpo"`` takes the constant s = η instead (DanceGRPO, Xue et al. 2025,
-        arXiv 2505.07818), same drift and step."""
+        (x + (1 − σ)·v is the ε̂ the velocity implies, so the bracket is v − (s²/2)·∇log p_σ). At σ = 1, where
+        1 − σ = 0, the denominator uses σ_next instead, so the first step's noise is finite (docs/online_rl.md);
+        steps from or to σ = 0 stay deterministic. ``sde_schedule="dance_grpo"`` takes the constant s = η instead
+        (DanceGRPO, Xue et al. 2025, arXiv 2505.07818), same drift and step."""
         if sde_schedule not in SDE_SCHEDULES:
             raise ValueError(f"sde_schedule must be one of {', '.join(SDE_SCHEDULES)}, got {sde_schedule!r}")
         view = (-1,) + (1,) * (x.dim() - 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
@@ -49,12 +49,19 @@ def weight_dtype(name: "str | Any") -> Any:
     return getattr(torch, WEIGHT_DTYPES[name])
 
 
-def cast_components(gen: Any, dtype: Any) -> None:
-    """Cast every component module (denoiser, VAE, text encoders) of ``gen`` to ``dtype`` in place. The adapter's
-    own buffers (the noise schedule's ᾱ) stay fp32: in bf16 ᾱ near 1 rounds to 1 and the schedule loses its
-    low-noise end."""
-    for child in gen.children():
-        child.to(dtype=dtype)
+def cast_components(gen: Any, dtype: Any, skip: Sequence[str] = ()) -> None:
+    """Cast every component module (denoiser, VAE, text encoders) of ``gen`` to ``dtype`` in place, except those
+    named in ``skip`` (attribute names, e.g. ``"denoiser"`` for a full fine-tune, whose trained weights must stay
+    fp32: casting them down and back would only lose precision). The adapter's own buffers (the noise schedule's
+    ᾱ) stay fp32: in bf16 ᾱ near 1 rounds to 1 and the schedule loses its low-noise end."""
+    children = dict(gen.named_children())
+    unknown = sorted(set(skip) - set(children))
+    if unknown:
+        raise ValueError(f"cast_components: {type(gen).__name__} has no component {', '.join(map(repr, unknown))} "
+                         f"(components: {', '.join(children)})")
+    for name, child in children.items():
+        if name not in skip:
+            child.to(dtype=dtype)
 
 
 def resolve_class(library: str, class_name: str) -> type:

@@ -8,6 +8,7 @@ flow family), so users never name adapter classes. A LoRA folder saved by our tr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from diffalign.generators.base import Generator
 from diffalign.generators.loading import cast_components, read_model_index, weight_dtype
@@ -71,14 +72,15 @@ def generator_class(path: Path) -> type[Generator]:
 
 
 def load_generator(spec: str | Path, lora: str | Path | None = None, device: str = "cpu",
-                   dtype: str | None = None) -> Generator:
+                   dtype: str | None = None, skip_cast: Sequence[str] = ()) -> Generator:
     """``dtype`` ("bf16", "fp16", "fp32" or None = as saved) casts the frozen parts' weights — released SDXL, SD3,
-    Flux and Wan folders in fp32 do not fit a training GPU otherwise. A LoRA attached here (and any LoRA added
-    later with ``add_lora``) keeps fp32 weights."""
+    Flux and Wan folders in fp32 do not fit a training GPU otherwise. ``skip_cast`` names components left as saved
+    (``("denoiser",)`` for a full fine-tune, which trains the denoiser's own weights). A LoRA attached here (and any
+    LoRA added later with ``add_lora``) keeps fp32 weights."""
     path = resolve_model_path(spec)
     gen = generator_class(path).from_pretrained(path)
     if dtype is not None:
-        cast_components(gen, weight_dtype(dtype))
+        cast_components(gen, weight_dtype(dtype), skip=skip_cast)
     if lora is not None:
         load_lora(gen, lora)
     return gen.to(device).eval()

@@ -12,6 +12,7 @@ what users get from a diffusers pipeline. Timestep −1 stands for the sampler's
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -60,11 +61,10 @@ class UNetGenerator(Generator):
         top = self.num_train_timesteps - 1
         return (low + 1 + (u * (top - low).clamp(min=1)).long()).clamp(max=top)
 
+    @functools.cached_property
     def final_alpha_cumprod(self) -> float:
         """ᾱ after the sampler's last step (1, or ᾱ_0 when the scheduler does not set it to one)."""
-        if "_final_alpha" not in self.__dict__:
-            self.__dict__["_final_alpha"] = self._ddim_grid(1)[1]
-        return self.__dict__["_final_alpha"]
+        return self._ddim_grid(1)[1]
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ_t [B] in float64; t = −1 is the sampler's end."""
@@ -72,7 +72,7 @@ class UNetGenerator(Generator):
         table = self.alphas_cumprod.to(t.device, torch.float64)
         a = table[t.clamp(min=0)]
         if bool((t < 0).any()):
-            a = torch.where(t < 0, torch.full_like(a, self.final_alpha_cumprod()), a)
+            a = torch.where(t < 0, torch.full_like(a, self.final_alpha_cumprod), a)
         return a
 
     def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
