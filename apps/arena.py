@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from apps.auth import RateLimiter, SessionKeys
 from apps.battle_pool import BattlePool, ContenderFailed, Prepared, prepare
 from apps.contenders import Contender, ContenderConfig, build_contenders, shared_prompts
-from apps.display import MEDIA_CSS, MIN_DISPLAY_PX, DisplayMedia
+from apps.display import MIN_DISPLAY_PX, DisplayMedia, media_css
 from apps.flagging import FlaggingConfig
 from apps.ratings import RatingRow, leaderboard, pair_table, win_rate_matrix
 from apps.serve import Identity, LimitsConfig, ServerConfig, import_gradio, launch
@@ -303,7 +303,7 @@ def heatmap_html(board: dict) -> str:
 
 
 # --- Gradio ---------------------------------------------------------------------------------------------------------
-#: every media panel gets this class (``MEDIA_CSS`` sizes it and keeps small images sharp)
+#: every media panel gets this class (``media_css`` sizes it and keeps small images sharp)
 MEDIA_CLASS = "diffalign-media"
 #: component height in pixels: room for a 256-pixel-or-larger image plus the label
 MEDIA_HEIGHT = 400
@@ -322,15 +322,15 @@ def _media_component(gr, kind: str, label: str):
     return gr.Model3D(height=MEDIA_HEIGHT, **common)
 
 
-def page_js(shortcuts: dict[str, Sequence[str]]) -> str:
-    """Browser code run once on page load: adds ``MEDIA_CSS`` to the page and a keydown listener that clicks the
+def page_js(shortcuts: dict[str, Sequence[str]], min_px: int = MIN_DISPLAY_PX) -> str:
+    """Browser code run once on page load: adds ``media_css(min_px)`` to the page and a keydown listener that clicks the
     button with the element id mapped to the pressed key (ignored while typing in a field, with a modifier held,
     or when the button is disabled or on a hidden tab). Passed as an event's ``js``, so no server file is needed."""
     import json
 
     keymap = {k: elem_id for elem_id, keys in shortcuts.items() for k in keys}
     return ("() => {"
-            f"const css = {json.dumps(MEDIA_CSS)}; const keys = {json.dumps(keymap)};"
+            f"const css = {json.dumps(media_css(min_px))}; const keys = {json.dumps(keymap)};"
             "if (!document.getElementById('diffalign-style')) {"
             "  const st = document.createElement('style'); st.id = 'diffalign-style'; st.textContent = css;"
             "  document.head.appendChild(st); }"
@@ -485,7 +485,7 @@ def build_arena_ui(arena: Arena):
 
         outs = [prompt_md, left, right, battle_box, reveal] + buttons
         shortcuts = {f"vote-{s}": SIDE_KEYS[s] for s in SIDES} | {"new-round": NEW_ROUND_KEYS}
-        demo.load(None, None, None, js=page_js(shortcuts), api_visibility="private")
+        demo.load(None, None, None, js=page_js(shortcuts, arena.cfg.min_display_px), api_visibility="private")
         battle_events = dict(concurrency_limit=n_fast, concurrency_id="arena_battle")
         demo.load(issue, None, outs, api_visibility="private", **battle_events)
         again.click(issue, None, outs, api_name="new_battle", **battle_events)

@@ -62,10 +62,10 @@ class DisplayMedia:
         return target
 
 
-#: the page style both apps use: media panels at a readable size, small images never smoothed
-MEDIA_CSS = """
-.diffalign-media img { image-rendering: pixelated; min-width: 256px;
-                       min-height: 256px; object-fit: contain; }
-.diffalign-media video, .diffalign-media canvas { min-height: 256px; }
-.diffalign-prompt { font-size: 1.25em; }
-"""
+def media_css(min_px: int = MIN_DISPLAY_PX) -> str:
+    """The page style both apps use: media panels at least ``min_px`` (the config's ``min_display_px``), small
+    images never smoothed."""
+    return (f".diffalign-media img {{ image-rendering: pixelated; min-width: {min_px}px; min-height: {min_px}px; "
+            "object-fit: contain; }\n"
+            f".diffalign-media video, .diffalign-media canvas {{ min-height: {min_px}px; }}\n"
+            ".diffalign-prompt { font-size: 1.25em; }\n")

@@ -325,3 +325,10 @@ def test_gallery_files_are_decoded_once_and_served_by_lookup(tmp_path, monkeypat
         with Image.open(arena.store.media_path(b.media_a)) as img:
             assert img.size == (16, 16)
     assert len(shown) == 3 * 2 and len(checked) == 3 * 2 * 2 + 1  # battles are lookups: nothing decoded again
+
+
+def test_the_page_style_follows_the_configured_display_size():
+    from apps.arena import page_js
+
+    assert "min-width: 320px" in page_js({}, 320) and "min-height: 320px" in page_js({}, 320)
+    assert "min-width: 256px" in page_js({})
