@@ -63,11 +63,16 @@ def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Gener
         # told that timestep, or ε̃ carries a spurious x0 component and the input is less noisy than claimed.
         t2[sel] = torch.as_tensor(until, dtype=t2.dtype, device=t2.device)
         inverted[idx] = True
+    return replaced_inputs(gen, x0, xt, t2, cond, noise2, inverted, return_x0)
+
+
+def replaced_inputs(gen: Generator, x0, xt, t2, cond: Conditioning, noise2, replaced: torch.Tensor, return_x0: bool):
+    """The pair inputs once some rows' x_t were replaced (by inversion, or by the sampler's own path): their ε is
+    the one x_t implies (``reparametrised_noise``), the other rows keep their drawn noise; the target follows ε."""
     eps = reparametrised_noise(gen, x0, xt, t2)
-    eps = torch.where(inverted.to(x0.device).view(-1, *([1] * (x0.dim() - 1))), eps, noise2)
-    if return_x0:
-        return xt, t2, cond, gen.target(x0, eps, t2), inverted, x0
-    return xt, t2, cond, gen.target(x0, eps, t2), inverted
+    eps = torch.where(replaced.to(x0.device).view(-1, *([1] * (x0.dim() - 1))), eps, noise2)
+    out = (xt, t2, cond, gen.target(x0, eps, t2), replaced)
+    return out + (x0,) if return_x0 else out
 
 
 def pair_errors(gen: Generator, reference, xt, t, cond: Conditioning, target):

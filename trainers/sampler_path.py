@@ -84,7 +84,7 @@ def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.G
     sampler timestep ≤ t and the model is told that timestep; ε̃ reparametrises it against the path's end x0. A t below the path's last timestep falls back to
     fresh forward noise, as DDIM inversion does below its first grid point.
     """
-    from trainers.inpo import reparametrised_noise
+    from trainers.inpo import replaced_inputs
 
     chosen_seeds, rejected_seeds, steps, guidance = _pair_meta(batch)
     prompts = list(batch["prompt"])
@@ -107,8 +107,4 @@ def sampler_path_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.G
         xt[row] = path[row, i].to(xt.dtype)
         t2[row] = torch.as_tensor(timesteps[i], dtype=t2.dtype, device=t2.device)
         on_path[row] = True
-    eps = reparametrised_noise(gen, x0, xt, t2)
-    eps = torch.where(on_path.to(x0.device).view(-1, *([1] * (x0.dim() - 1))), eps, noise2)
-    if return_x0:
-        return xt, t2, cond, gen.target(x0, eps, t2), on_path, x0
-    return xt, t2, cond, gen.target(x0, eps, t2), on_path
+    return replaced_inputs(gen, x0, xt, t2, cond, noise2, on_path, return_x0)
