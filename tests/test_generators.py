@@ -191,3 +191,27 @@ def test_missing_and_bad_folders_are_named(tmp_path):
     (tmp_path / "bad" / "model_index.json").write_text(json.dumps({"unet": ["os", "system"]}))
     with pytest.raises(PipelineFolderError, match="only diffusers, transformers and diffalign"):
         load_generator(tmp_path / "bad")
+
+
+def test_an_unsupported_denoiser_class_or_a_vae_without_its_scale_is_named_before_loading(tmp_path):
+    import shutil
+
+    from tiny_models import tiny_sd_folder
+
+    good = tiny_sd_folder(tmp_path / "sd")
+    odd = tmp_path / "odd"
+    shutil.copytree(good, odd)
+    index = json.loads((odd / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "UNet3DConditionModel"]
+    (odd / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineFolderError, match=r"model_index.json: 'unet' is a UNet3DConditionModel.*"
+                                                  r"supported unet classes: .*UNet2DConditionModel"):
+        load_generator(odd)
+    noscale = tmp_path / "noscale"
+    shutil.copytree(good, noscale)
+    config = json.loads((noscale / "vae" / "config.json").read_text())
+    del config["scaling_factor"]
+    (noscale / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineFolderError, match=r"vae/config.json: missing scaling_factor"):
+        load_generator(noscale)
+    load_generator(good)  # the intact folder still loads

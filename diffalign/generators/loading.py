@@ -87,7 +87,28 @@ def load_component(path: Path, name: str, index: dict[str, Any], **kwargs) -> An
     folder = path / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: model_index.json lists {name!r} but {folder} is missing")
+    _check_required_config(folder, entry[1])
     return cls.from_pretrained(folder, **kwargs)
+
+
+#: config keys a class's loader would otherwise fill with a default that is wrong for most checkpoints (diffusers'
+#: AutoencoderKL defaults its latent scale to SD1.5's 0.18215; SDXL, SD3 and FLUX use other values)
+REQUIRED_CONFIG_KEYS = {"AutoencoderKL": ("scaling_factor",)}
+
+
+def _check_required_config(folder: Path, class_name: str) -> None:
+    keys = REQUIRED_CONFIG_KEYS.get(class_name, ())
+    if not keys:
+        return
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineFolderError(f"{config}: cannot read it ({exc})") from exc
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise PipelineFolderError(f"{config}: missing {', '.join(missing)} — a {class_name} needs it explicitly "
+                                  "(the loader's default would silently mis-scale the latents)")
 
 
 def library_of(obj: Any) -> str:

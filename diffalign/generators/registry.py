@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffalign.generators.base import Generator
-from diffalign.generators.loading import cast_components, read_model_index, weight_dtype
+from diffalign.generators.loading import PipelineFolderError, cast_components, read_model_index, weight_dtype
 from diffalign.generators.lora import load_lora
 
 
@@ -43,6 +43,10 @@ _BY_CLASS = {
 }
 
 
+#: the denoiser classes the two general families load (the others are in ``_BY_CLASS``)
+_DEFAULT_DENOISERS = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel"}
+
+
 def _family_by_class(index: dict) -> type[Generator] | None:
     import importlib
 
@@ -59,11 +63,20 @@ def generator_class(path: Path) -> type[Generator]:
     special = _family_by_class(index)
     if special is not None:
         return special
-    if "unet" in index:
-        from diffalign.generators.unet import UNetGenerator
+    for component, default_class in _DEFAULT_DENOISERS.items():
+        if component not in index:
+            continue
+        entry = index[component]
+        library, class_name = entry if isinstance(entry, list) and len(entry) == 2 else (None, entry)
+        if library == "diffusers" and class_name != default_class:  # other libraries: the loader says why not
+            supported = sorted({c for (k, c) in _BY_CLASS if k == component} | {default_class})
+            raise PipelineFolderError(
+                f"{path}/model_index.json: {component!r} is a {class_name}, which no generator family supports; "
+                f"supported {component} classes: {', '.join(supported)}")
+        if component == "unet":
+            from diffalign.generators.unet import UNetGenerator
 
-        return UNetGenerator
-    if "transformer" in index:
+            return UNetGenerator
         from diffalign.generators.flow import FlowGenerator
 
         return FlowGenerator
