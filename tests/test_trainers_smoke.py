@@ -5,6 +5,7 @@ transitions, Self-NPO's EMA teacher, RankDPO at initialisation.
 """
 
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -250,8 +251,29 @@ def test_smpo_scores_a_weightless_reward_where_the_media_are():
     reward = WhereScored()
     smpo = SmPO(SmPOConfig(name="smpo", score_min=0.0, score_max=1.0), reward=reward)
     meta = torch.empty(2, 3, 8, 8, device="meta")  # a device that is not the CPU and needs no accelerator
-    p = smpo.preference({"prompt": ["a", "b"], "chosen": meta, "rejected": meta}, "cpu")
+    images = types.SimpleNamespace(stored_media=lambda media: media, device=torch.device("cpu"))
+    p = smpo.preference(images, {"prompt": ["a", "b"], "chosen": meta, "rejected": meta})
     assert reward.devices == ["meta", "meta"] and p.tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_smpo_scores_a_video_familys_clips_not_the_filmstrips_its_pairs_are_stored_as():
+    from diffalign.generators.family_parts import VideoGeometry
+    from diffalign.media import filmstrip
+    from trainers.config import SmPOConfig
+    from trainers.smpo import SmPO
+
+    class VideoOnly(torch.nn.Module):
+        def score(self, media, prompts=None):
+            assert media.dim() == 5, f"a video reward got {tuple(media.shape)}"
+            return media.flatten(1).mean(1)
+
+    geometry = VideoGeometry(num_frames=5, height=8, width=8, temporal=4, spatial=8, fps=8)
+    video = types.SimpleNamespace(stored_media=geometry.frames, device=torch.device("cpu"))
+    clips = torch.rand(2, 5, 3, 8, 8)
+    smpo = SmPO(SmPOConfig(name="smpo", score_min=0.0, score_max=1.0), reward=VideoOnly())
+    p = smpo.preference(video, {"prompt": ["a", "b"], "chosen": filmstrip(clips), "rejected": filmstrip(clips)})
+    assert p.tolist() == pytest.approx([0.5, 0.5])
+    assert torch.equal(geometry.frames(filmstrip(clips)), clips) and geometry.frames(clips) is clips
 
 
 def test_self_npo_refuses_a_one_step_grid():

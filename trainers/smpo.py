@@ -29,17 +29,17 @@ class SmPO(LazyReward):
         self.paths = SamplerPaths()
 
     @torch.no_grad()
-    def preference(self, batch: dict[str, Any], device) -> torch.Tensor:
-        """p for each pair from the reward's scores (on the reward's device — or the media's, for a reward
-        without weights — then moved to ``device``)."""
+    def preference(self, gen: Generator, batch: dict[str, Any]) -> torch.Tensor:
+        """p for each pair from the reward's scores of the media as the generator makes them (a video family's
+        clips, not the filmstrips its pairs are stored as), on ``gen``'s device."""
         prompts = list(batch["prompt"])
-        sw = self.score_media(batch["chosen"], prompts)
-        sl = self.score_media(batch["rejected"], prompts)
-        return smoothed_preference(sw, sl.to(sw.device), self.cfg.score_min, self.cfg.score_max).to(device)
+        sw = self.score_media(gen.stored_media(batch["chosen"]), prompts)
+        sl = self.score_media(gen.stored_media(batch["rejected"]), prompts)
+        return smoothed_preference(sw, sl.to(sw.device), self.cfg.score_min, self.cfg.score_max).to(gen.device)
 
     def loss(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference):
         gen.require("scored_pair_media", "smpo")
-        p = self.preference(batch, gen.device)
+        p = self.preference(gen, batch)
         xt, t, cond, target, inverted = pair_inputs(gen, batch, rng, self.cfg, self.paths,
                                                     renoise_iters=self.cfg.renoise_iters)
         errs = pair_errors(gen, reference, xt, t, cond, target)

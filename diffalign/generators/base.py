@@ -361,6 +361,11 @@ class Generator(nn.Module, abc.ABC):
     def encode_media(self, media: torch.Tensor) -> torch.Tensor:
         """Media (as ``decode`` returns it) -> x0 in denoiser space. The inverse of ``decode``."""
 
+    def stored_media(self, media: torch.Tensor) -> torch.Tensor:
+        """Media as preference data stores them -> media as ``decode`` returns them (what rewards score). The same
+        for images; video families turn filmstrips back into clips."""
+        return media
+
     # --- persistence ----------------------------------------------------------------------------------
     @classmethod
     @abc.abstractmethod

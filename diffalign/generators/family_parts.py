@@ -133,3 +133,12 @@ class VideoGeometry:
 
     def settings(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, "height": self.height, "width": self.width, "fps": self.fps}
+
+    def frames(self, media: torch.Tensor) -> torch.Tensor:
+        """Clips [B, F, 3, H, W] as they are; filmstrips of this geometry [B, 3, H, F·W] (how preference data
+        stores clips among images, ``diffalign.media.filmstrip``) split back into frames."""
+        if media.dim() == 4 and media.shape[1] == 3 and media.shape[-1] == self.num_frames * self.width != self.width:
+            from diffalign.media import unfilmstrip
+
+            return unfilmstrip(media, self.num_frames)
+        return media

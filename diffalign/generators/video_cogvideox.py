@@ -104,8 +104,13 @@ class CogVideoXGenerator(UNetGenerator):
                 frames = self.vae.decode(lat).sample.permute(0, 2, 1, 3, 4)
         return ((frames.float() + 1) / 2).clamp(0, 1)
 
+    def stored_media(self, media: torch.Tensor) -> torch.Tensor:
+        return self.geometry.frames(media)
+
     def encode_media(self, media: torch.Tensor) -> torch.Tensor:
-        """Frames [B, F, 3, H, W] in [0, 1] -> latents [B, F', C, h, w] (VAE posterior mean)."""
+        """Frames [B, F, 3, H, W] in [0, 1] (or the filmstrips preference data stores) -> latents [B, F', C, h, w]
+        (VAE posterior mean)."""
+        media = self.stored_media(media)
         if media.dim() != 5 or media.shape[2] != 3:
             raise ValueError(f"CogVideoX encode_media takes frames [B, F, 3, H, W]; got {tuple(media.shape)}")
         x = media.to(self.device, torch.float32) * 2 - 1

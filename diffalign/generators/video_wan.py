@@ -20,7 +20,6 @@ from diffalign.generators.family_parts import T5Conditioner, VideoGeometry, load
 from diffalign.generators.flow import FlowGenerator
 from diffalign.generators.loading import read_model_index
 from diffalign.generators.text import TextConditioner, ToyConditioner
-from diffalign.media import unfilmstrip
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
@@ -91,12 +90,13 @@ class WanGenerator(FlowGenerator):
                 video = self.vae.decode(lat * std + mean).sample
         return ((video.permute(0, 2, 1, 3, 4).float() + 1) / 2).clamp(0, 1)
 
+    def stored_media(self, media: torch.Tensor) -> torch.Tensor:
+        return self.geometry.frames(media)
+
     def encode_media(self, media: torch.Tensor) -> torch.Tensor:
         """Frames [B, F, 3, H, W] in [0, 1] -> normalised latents [B, C, F', h, w] (VAE posterior mean). Filmstrips
         [B, 3, H, F·W] (how ``data.synth`` stores clips among images) are split back into the model's frames."""
-        g = self.geometry
-        if media.dim() == 4 and media.shape[1] == 3 and media.shape[-1] == g.num_frames * g.width != g.width:
-            media = unfilmstrip(media, g.num_frames)
+        media = self.stored_media(media)
         if media.dim() != 5 or media.shape[2] != 3:
             raise ValueError(f"Wan encode_media takes frames [B, F, 3, H, W]; got {tuple(media.shape)}")
         x = (media.to(self.device, torch.float32) * 2 - 1).permute(0, 2, 1, 3, 4)
