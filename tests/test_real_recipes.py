@@ -57,7 +57,8 @@ def _required_keys(node, prefix=""):
 def test_every_family_has_a_recipe():
     assert {"sd15_dpo_pickapic.yaml", "sdxl_dpo_lora_pickapic.yaml", "sd15_smpo_pickapic.yaml",
             "sd15_inpo_pickapic.yaml", "sd35_flow_dpo_lora.yaml", "flux_flow_dpo_lora.yaml",
-            "wan_flow_dpo_video.yaml", "reward_hpsv2_hpdv2.yaml", "sd15_self_npo.yaml"} <= set(RECIPES)
+            "wan_flow_dpo_video.yaml", "reward_hpsv2_hpdv2.yaml", "sd15_self_npo.yaml",
+            "sd35_flow_grpo_pickscore.yaml", "sd35_diffusion_nft_pickscore.yaml"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -125,6 +126,8 @@ def world(tmp_path_factory, files):  # noqa: F811
     # Pick-a-Pic layout with mixed sizes (the recipe's data.resolution resizes and crops them)
     w["pickapic"] = write_pickapic_parquet(_pairs(8, [(12, 10), (10, 14), (8, 8)], 0), root / "pickapic.parquet")
     w["video"] = write_pickapic_parquet(_pairs(4, [(16, 16)], 1, video_frames=5), root / "video.parquet")
+    w["prompts"] = root / "prompts.txt"
+    w["prompts"].write_text("\n".join(PROMPTS) + "\n")
     g = torch.Generator().manual_seed(2)
     w["captioned"] = root / "captioned"
     write_jsonl_folder([RankedList(PROMPTS[i % 4], [torch.rand(3, 8, 8, generator=g)], scores=[0.0])
@@ -171,6 +174,10 @@ GENERATOR_RECIPES = {
     "flux_flow_dpo_lora.yaml": ("flux", "pickapic", {"data.resolution": 8}),
     "wan_flow_dpo_video.yaml": ("wan", "video", {}),
     "sd15_self_npo.yaml": ("sd15", "captioned", {}),
+    # online: prompts instead of data, a few tiny rollouts per round
+    "sd35_flow_grpo_pickscore.yaml": ("sd3", "prompts", {"method.samples_per_prompt": 2, "method.sample_steps": 3}),
+    "sd35_diffusion_nft_pickscore.yaml": ("sd3", "prompts", {"method.samples_per_prompt": 2,
+                                                             "method.sample_steps": 3}),
 }
 
 
@@ -178,7 +185,7 @@ GENERATOR_RECIPES = {
 def test_recipe_trains_two_steps_on_tiny_models(name, world, tmp_path):
     model, data, extra = GENERATOR_RECIPES[name]
     raw = load_yaml(REAL / name)
-    fill = {"model.path": world["models"][model], "data.path": world[data],
+    fill = {"model.path": world["models"][model], "data.path": world[data], "data.prompts": world["prompts"],
             "method.reward_checkpoint": world.get("pickscore")}
     keys = _required_keys(raw)
     assert set(keys) <= set(fill), keys
