@@ -112,7 +112,7 @@ WORLD_METHODS: dict[str, tuple[str, ...]] = {
     "shapes": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp", "flow_dpo", "flow_rwr", "nrg-unet", "nrg-flow",
                "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow", "flow_grpo", "diffusion_nft"),
     "compose": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp"),
-    "video": ("flow_dpo_video", "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow"),
+    "video": ("flow_dpo_video", "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow", "flow_grpo", "diffusion_nft"),
 }
 
 
