@@ -5,6 +5,7 @@ reward-hacking monitor (``trainers/online_monitor.py``), built from ``cfg.monito
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,7 +45,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class OnlineMethod(LazyReward):
+class OnlineMethod(LazyReward, abc.ABC):
     """Base of the online objectives. Subclasses set ``method_name`` and implement ``sample_round``, which
     stores what the following loss calls train on in ``self.round``; those that are written in flow-matching time
     set ``flow_only`` and call ``check_family`` first."""
@@ -85,8 +86,10 @@ class OnlineMethod(LazyReward):
         self.reward_calls += len(prompts)
         return self.score_media(media, prompts)
 
+    @abc.abstractmethod
     def sample_round(self, gen: Generator, prompts: Sequence[str], rng: torch.Generator, reference=None) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement sample_round")
+        """Sample a round of rollouts for ``prompts`` and keep what the next ``inner_steps`` loss calls train on in
+        ``self.round``."""
 
     def before_step(self, gen: Generator, reference) -> str | None:
         """Called by the loop before each optimizer step: the monitor's evaluation (when due) of the weights that

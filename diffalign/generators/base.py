@@ -252,12 +252,12 @@ class Generator(nn.Module, abc.ABC):
         step under another network with exactly the sampler's arithmetic."""
         return cfg_prediction(predict or self.predict, x, t, cond, uncond, guidance)
 
+    @abc.abstractmethod
     def steer_prediction(self, x: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor, gradient: torch.Tensor,
                          scale: float) -> torch.Tensor:
         """The prediction changed so that the sampler's step also climbs ``gradient`` (∇_x of a reward) with
         weight ``scale``: classifier guidance for VP families, ε̂ = ε − w·σ_t·∇ (Dhariwal & Nichol 2021),
         written in the family's prediction type; v̂ = v − w·∇ for flow families (Flow-NRG, Liu et al. 2025)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define steer_prediction")
 
     def sampling_conditions(self, prompts: Sequence[str], guidance: float,
                             negative_cond: Conditioning | None = None) -> tuple[Conditioning, Conditioning | None]:
