@@ -55,7 +55,7 @@ WORLDS: dict[str, World] = {
     "shapes": World("shapes", "shapes (one object)", "shapes-oracle", "toy-train", "toy-heldout",
                     {"unet": "toy:shapes-unet", "flow": "toy:shapes-flow"}),
     "compose": World("compose", "compose (two objects, colour binding, position, count)", "compose-oracle",
-                     "compose-train", "compose-heldout", {"unet": "toy:compose-unet"}),
+                     "compose-train", "compose-heldout", {"unet": "toy:compose-unet", "flow": "toy:compose-flow"}),
     "video": World("video", "shapes video (6 frames, steady motion)", "shapes-video-oracle", "toy-train",
                    "toy-heldout", {"flow": "toy:shapes-video"}),
 }
@@ -111,7 +111,8 @@ GUIDANCE: dict[str, Method] = {m.name: m for m in [
 WORLD_METHODS: dict[str, tuple[str, ...]] = {
     "shapes": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp", "flow_dpo", "flow_rwr", "nrg-unet", "nrg-flow",
                "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow", "flow_grpo", "diffusion_nft"),
-    "compose": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp"),
+    "compose": ("dpo", "smpo", "inpo", "rankdpo", "self_npo", "prdp", "flow_dpo", "flow_rwr", "flow_grpo",
+                "diffusion_nft"),
     "video": ("flow_dpo_video", "smpo_flow", "inpo_flow", "self_npo_flow", "prdp_flow", "flow_grpo", "diffusion_nft"),
 }
 
@@ -378,6 +379,8 @@ class Context:
 
 def recipe_overrides(method: Method, ctx: Context, run_dir: Path) -> list[str]:
     """What the protocol fixes in a recipe, whatever the recipe file says: base, data, budget, no recipe eval."""
+    from diffalign.config import load_yaml
+
     budget, world = ctx.budget, ctx.world
     sets = [f"output_dir={run_dir}", f"model.path={world.bases[method.family]}", "seed=0",
             f"train.max_train_steps={budget.steps}", "train.report_to=none",
@@ -389,6 +392,10 @@ def recipe_overrides(method: Method, ctx: Context, run_dir: Path) -> list[str]:
         sets += ["data.synth=null", f"data.path={ctx.data.ranked_dir}"]
     else:
         sets += [f"data.prompts={world.train_prompts}"]
+        if "monitor" in (load_yaml(ROOT / "configs" / method.recipe).get("method") or {}):
+            # the online monitor's curve is a validation curve: the world's training prompts under the monitor's
+            # own seeds, never held-out prompts (which would otherwise be the recipe's other world's, too)
+            sets.append(f"method.monitor.prompts={world.train_prompts}")
     if method.own_reward:  # methods that score with a reward themselves use the world's oracle
         sets.append(f"method.reward={world.reward}")
     return sets

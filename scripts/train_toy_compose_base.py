@@ -2,10 +2,13 @@
 
     python scripts/train_toy_compose_base.py --out diffalign/toyworld/weights/compose-unet \
         --state /tmp/compose_base/state.pt --threads 1 --steps 20000 --max-minutes 35 --save-every 250
+    python scripts/train_toy_compose_base.py --flow --out diffalign/toyworld/weights/compose-flow \
+        --state /tmp/compose_flow/state.pt --threads 1 --steps 6000 --lr 6e-4 --ema-decay 0.998
     python scripts/train_toy_compose_base.py --eval diffalign/toyworld/weights/compose-unet --threads 1
 
 Training: re-running with a larger --steps resumes from the state file (raw + EMA weights, optimiser, data RNG);
-pass --fresh to start over. Every field of ComposePretrainConfig is an option (--help lists them); the logic
+pass --fresh to start over. --flow trains the flow base (ComposeFlowPretrainConfig) instead of the UNet base.
+Every field of ComposePretrainConfig (or ComposeFlowPretrainConfig) is an option (--help lists them); the logic
 lives in diffalign/toyworld/pretrain_compose.py.
 
 --eval FOLDER: the quick quality table of a pipeline folder (or toy:NAME) — oracle reward, accuracy and every
@@ -25,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.toyworld.pretrain_common import run_script  # noqa: E402
-from diffalign.toyworld.pretrain_compose import ComposePretrainConfig, pretrain_compose  # noqa: E402
+from diffalign.toyworld.pretrain_compose import (ComposeFlowPretrainConfig, ComposePretrainConfig,  # noqa: E402
+                                                 pretrain_compose, pretrain_compose_flow)
 
 
 def evaluate(model: str, *, sets=("compose-train", "compose-heldout"), seeds: int = 16, steps: int = 20,
@@ -82,6 +86,9 @@ def evaluate(model: str, *, sets=("compose-train", "compose-heldout"), seeds: in
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--flow" in argv:
+        argv.remove("--flow")
+        return run_script(ComposeFlowPretrainConfig, pretrain_compose_flow, __doc__, argv)
     if "--eval" not in argv:
         return run_script(ComposePretrainConfig, pretrain_compose, __doc__, argv)
     ap = argparse.ArgumentParser(description="evaluate a compose base (see the module docstring)")

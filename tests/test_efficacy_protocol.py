@@ -178,3 +178,17 @@ def test_every_table_row_has_a_base_and_twins_share_their_recipe():
             twin = METHODS[method.same_as]
             assert twin.recipe == method.recipe and twin.family != method.family and twin.data == method.data
             assert twin.own_reward == method.own_reward
+
+
+@pytest.mark.parametrize("world", ["shapes", "compose"])
+def test_online_rows_train_and_monitor_on_the_worlds_own_training_prompts(world, tmp_path):
+    from benchmarks.efficacy_protocol import METHODS, recipe_overrides
+
+    ctx = SimpleNamespace(world=WORLDS[world], budget=Budget(), data=None)
+    for name in ("flow_grpo", "diffusion_nft"):
+        sets = recipe_overrides(METHODS[name], ctx, tmp_path / name)
+        train = WORLDS[world].train_prompts
+        assert f"data.prompts={train}" in sets and f"method.monitor.prompts={train}" in sets
+        assert f"method.reward={WORLDS[world].reward}" in sets
+        recipe = load_recipe(f"configs/{METHODS[name].recipe}", sets)
+        assert recipe.method.monitor.prompts == train and recipe.model.path == WORLDS[world].bases["flow"]

@@ -125,6 +125,25 @@ def test_only_the_main_process_writes(flow_folder, tmp_path, monkeypatch):
         assert (out / MONITOR_LOG).is_file() == main and (out / "logs").exists() == main  # … rank 0 writes
 
 
+def test_each_record_carries_the_budget_spent_before_it(flow_folder, tmp_path):
+    """The log is a learning curve: reward calls and samples from the objective, training seconds without the
+    monitor's own evaluations."""
+    from trainers.recipe import run_recipe
+
+    out = tmp_path / "run"
+    sets = [f"model.path={flow_folder}", f"output_dir={out}", "model.lora_rank=2", "train.max_train_steps=4",
+            "train.train_batch_size=2", "train.checkpointing_steps=0", "train.report_to=none", "eval=null",
+            "method.samples_per_prompt=2", "method.sample_steps=3", "method.monitor.every=2",
+            "method.monitor.seeds=1", "method.monitor.steps=2"]
+    run_recipe(CONFIGS / "flow_grpo.yaml", sets)
+    records = [json.loads(line) for line in (out / MONITOR_LOG).read_text().splitlines()]
+    assert [r["call"] for r in records] == [0, 2]
+    first, second = (r["spent"] for r in records)
+    assert first == {"reward_calls": 0, "samples_drawn": 0, "train_s": 0.0}
+    # rounds are drawn at steps 0 and 1 (inner_steps 1): 2 prompts × G = 2 each, before the evaluation at step 2
+    assert second["reward_calls"] == second["samples_drawn"] == 8 and second["train_s"] > 0
+
+
 def test_main_process_is_read_from_the_launcher_before_accelerate_starts(monkeypatch):
     import accelerate.state
 

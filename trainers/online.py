@@ -96,7 +96,7 @@ class OnlineMethod(LazyReward, abc.ABC):
         step would update. A returned reason ends the run cleanly before the update."""
         if self.monitor is None:
             return None
-        self.monitor.step(gen, reference)
+        self.monitor.step(gen, reference, {"reward_calls": self.reward_calls, "samples_drawn": self.samples_drawn})
         return self.monitor.stop_reason
 
     def current_round(self, gen: Generator, batch: dict[str, Any], rng: torch.Generator, reference) -> dict:

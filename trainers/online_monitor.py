@@ -11,6 +11,9 @@ each optimizer step (``Objective.before_step``), on the weights that step would 
   the weights;
 * the first evaluation (before any update) is the baseline; the reference's samples of the same noise are drawn
   once, and the drift is the mean squared difference of policy and reference media (in [0, 1]);
+* each record also carries the budget spent before it (``spent``: the objective's reward calls and samples drawn,
+  and the seconds since the first evaluation less the monitor's own), so the log is a learning curve in reward
+  calls and wall time — what comparing online methods' efficiency needs;
 * every value goes to TensorBoard (``<output_dir>/logs/monitor``) and to ``<output_dir>/monitor.jsonl``, written by
   the main process only (the other ranks of a distributed run evaluate with ``out_dir`` None);
 * when the training reward has risen by more than ``min_train_gain`` while a held-out reward fell by more than
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -70,6 +74,8 @@ class OnlineMonitor:
         self._noise: torch.Tensor | None = None
         self._reference_media: torch.Tensor | None = None
         self._writer = None
+        self._started: float | None = None
+        self._own_s = 0.0
 
     @classmethod
     def from_recipe(cls, cfg: OnlineMonitorConfig | None, train_reward, out_dir: Path | None, seed: int
@@ -84,17 +90,23 @@ class OnlineMonitor:
         return cls(cfg, train_reward, heldout, out_dir, seed)
 
     # --- the hook the objective's before_step calls once per optimizer step ----------------------------------------
-    def step(self, gen: Generator, reference) -> dict[str, float] | None:
+    def step(self, gen: Generator, reference, spent: Mapping[str, float] | None = None) -> dict[str, float] | None:
         """Evaluate when due (the first call and every ``every`` calls after), act on the result; returns the
-        evaluation's values (None when none was due)."""
+        evaluation's values (None when none was due). ``spent``: what the run has used so far (e.g. reward calls),
+        written beside the values with the training seconds."""
         due = self.calls % self.cfg.every == 0
         index = self.calls
         self.calls += 1
         if not due:
             return None
+        start = time.monotonic()
+        if self._started is None:
+            self._started = start
+        budget = {**(spent or {}), "train_s": round(start - self._started - self._own_s, 3)}
         values = self.evaluate(gen, reference)
-        self._record(index, values)
+        self._record(index, values, budget)
         self._check(index, values)
+        self._own_s += time.monotonic() - start
         return values
 
     # --- evaluation -----------------------------------------------------------------------------------------------
@@ -122,13 +134,13 @@ class OnlineMonitor:
         return values
 
     # --- bookkeeping ------------------------------------------------------------------------------------------------
-    def _record(self, index: int, values: dict[str, float]) -> None:
-        self.history.append({"call": index, **values})
+    def _record(self, index: int, values: dict[str, float], spent: Mapping[str, float]) -> None:
+        self.history.append({"call": index, **values, "spent": dict(spent)})
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / MONITOR_LOG, "a") as f:
-            f.write(json.dumps({"call": index, **values}) + "\n")
+            f.write(json.dumps({"call": index, **values, "spent": dict(spent)}) + "\n")
         if self._writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
