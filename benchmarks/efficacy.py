@@ -10,7 +10,11 @@ wall time, with a labelled grid per row (``benchmarks/results/efficacy/<world>-<
     python benchmarks/efficacy.py --worlds shapes --methods dpo smpo   # a subset; other rows are kept
     python benchmarks/efficacy.py --scale-groups 64 --methods dpo smpo inpo rankdpo   # the ≥ 500-pair rows
     python benchmarks/efficacy.py --steps 2 --groups 1 --val-seeds 2 --heldout-seeds 2 --methods dpo  # smoke
+    python benchmarks/efficacy.py --worlds shapes --methods proxy-unet proxy-flow   # guidance by a learned proxy
     python benchmarks/efficacy.py --table-only                         # rewrite the table from rows.json
+
+Inference-time guidance rows (``nrg-*`` guided by the oracle, ``proxy-*`` by a learned proxy, both judged by the
+oracle) are tabled apart from the trained rows, with the reward each climbed and the reward that judged it.
 
 A killed run resumes where it stopped: data, base samples, each grid point's training (from its last checkpoint)
 and its validation score are cached under ``--workdir`` by world, family and budget.
@@ -190,6 +194,88 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+GUIDANCE_NOTE = ("Inference-time rows: nothing is trained; the base's sampler is pushed along a reward's gradient at "
+                 "every step, the scale chosen on the validation split by the judge's reward like a grid point. They "
+                 "are not compared with the trained rows' goal in the same way (the goal check is shown for "
+                 "reference only): guidance spends reward gradients at sampling time instead of a data budget, and a "
+                 "row guided by its own judge can game it. \"Guided with\" is the reward climbed, \"judged by\" the "
+                 "one every number in the judge's columns comes from; a learned proxy (`toy-proxy`, fitted with the "
+                 "Bradley–Terry loss to the same ranked lists the offline methods train on, 20% of the lists held "
+                 "back) shows the gap between the reward that was climbed and the oracle's verdict, both also in units "
+                 "of their own spread (σ) over the base's held-out samples.")
+
+
+def _guidance_label(r: dict) -> str:
+    """Today's label (the oracle rows' labels now say what they were guided with; rows.json keeps older ones)."""
+    return GUIDANCE[r["method"]].label if r["method"] in GUIDANCE else r["label"]
+
+
+def _guided_with(r: dict) -> tuple[str, str]:
+    """(guided with, judged by) of a guidance row; rows written before the columns existed were oracle-guided."""
+    judge = r.get("judged_by") or WORLDS[r["world"]].reward
+    return r.get("guided_with") or f"{judge} (the judge itself)", judge
+
+
+def guidance_verdict(r: dict, dpo: dict | None) -> str:
+    if r.get("status") != "ok":
+        return r.get("status", "not run")
+    ref = f"inference time; for reference: {verdict(r, dpo)}"
+    climbed = (r.get("proxy") or {}).get("heldout")
+    if climbed is None:
+        return f"guided by its own judge: an upper bound, not evidence of alignment; {ref}"
+    gap = f"climbed the proxy by {climbed['gain_sd']:+.2f}σ, the oracle moved {climbed['oracle_gain_sd']:+.2f}σ"
+    return f"{gap}; {ref}"
+
+
+def guidance_lines(rows: list[dict], dpo: dict | None) -> list[str]:
+    """The guidance rows of one world, in their own table: the reward each climbed beside the reward that judged."""
+    lines = ["| method | guided with | judged by | scale chosen on validation by the judge (of n) | held-out judge's "
+             "reward base → guided | judge's gain [95% CI] | win-rate (W/T/L) | accuracy base → guided | climbed "
+             "reward's own gain [95% CI] | gain in σ: climbed / judge | proxy's held-back pair accuracy | drift | "
+             "wall (s) | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = _guidance_label(r)
+        guided, judge = _guided_with(r)
+        if r.get("status") != "ok":
+            lines.append(f"| {label} | {guided} | {judge} | – | – | – | – | – | – | – | – | – | – | "
+                         f"{r.get('status', 'not run')} |")
+            continue
+        h = r["heldout"]
+        acc = f"{h['accuracy_base']:.2f} → {h['accuracy_tuned']:.2f}" if "accuracy_base" in h else "–"
+        proxy = r.get("proxy") or {}
+        climbed, fit = proxy.get("heldout"), proxy.get("fit") or {}
+        if climbed is None:
+            own, sd = "= the judge's gain", "–"
+        else:
+            lo, hi = climbed["gain_ci"]
+            own = (f"{climbed['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({climbed['reward_base']:+.2f} → "
+                   f"{climbed['reward_tuned']:+.2f})")
+            sd = f"{climbed['gain_sd']:+.2f} / {climbed['oracle_gain_sd']:+.2f}"
+        acc_fit = (f"{fit['heldback_accuracy']:.3f} ({fit['pairs_heldback']} pairs of {fit['lists_heldback']} "
+                   f"lists, split {fit.get('split', 'by list')})" if "heldback_accuracy" in fit else "–")
+        lines.append(
+            f"| {label} | {guided} | {judge} | {_point(r['chosen'])} ({len(r['points'])}) | {h['reward_base']:.3f} "
+            f"→ {h['reward_tuned']:.3f} | {_ci(r)} | {h['win_rate']:.3f} ({h['wins']}/{h['ties']}/{h['losses']}) | "
+            f"{acc} | {own} | {sd} | {acc_fit} | {h['drift']:.3f} | {r['wall_s']:.0f} | {guidance_verdict(r, dpo)} |")
+    return lines
+
+
+def guidance_scales_line(rows: list[dict]) -> str | None:
+    """Each scale searched: the judge's validation reward (and the climbed proxy's validation gain)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+
+    def point(p: dict) -> str:
+        climbed = p.get("validation_climbed_gain")
+        return (f"{_point(p['point'])} → {p['validation_reward']:.3f}"
+                + ("" if climbed is None else f" (proxy {climbed:+.2f})"))
+
+    return ("Scales searched (the judge's validation reward of each; for proxy rows the proxy's own validation "
+            "gain in brackets): " + "; ".join(f"{_guidance_label(r)}: " + ", ".join(point(p) for p in r["points"])
+                                              for r in ok) + ".")
+
+
 def claims_lines(rows: list[dict]) -> list[str]:
     ok = {r["method"]: r for r in rows if r.get("status") == "ok"}
     out = []
@@ -218,7 +304,9 @@ def write_table(rows: list[dict], args, path: Path) -> str:
              "2,000,000+). Gain: held-out mean reward tuned − base with a percentile-bootstrap 95% CI over (prompt, "
              "seed); win-rate counts |Δreward| < 0.01 as a tie (half a win); drift = mean |tuned − base| pixel "
              f"difference on identical noise. Goals: gain ≥ {GOAL_GAIN_FRACTION}× Diffusion-DPO's with the CI "
-             f"above 0, and win-rate ≥ {GOAL_WIN}. Machine: {platform.processor() or platform.machine()}, "
+             f"above 0, and win-rate ≥ {GOAL_WIN} (for the trained rows; inference-time guidance rows are listed "
+             "apart, with the reward they were guided with and the reward that judged them). "
+             f"Machine: {platform.processor() or platform.machine()}, "
              f"{args.threads} torch thread(s), 2 cores shared with other jobs.", ""]
     order = list(METHODS) + list(GUIDANCE)
     sections = sorted({(r["world"], r.get("section", "main")) for r in rows},
@@ -230,15 +318,27 @@ def write_table(rows: list[dict], args, path: Path) -> str:
         lines += [f"## {WORLDS[world].label}{'' if section == 'main' else f' — {section}'}", "",
                   f"Budget `{budget}` (steps, K, groups, min margin, validation seeds, held-out seeds, sampler "
                   "steps, CFG).", ""]
-        lines += table_lines(sub)
-        claims = claims_lines(sub)
+        trained = [r for r in sub if r["method"] not in GUIDANCE]
+        guided = [r for r in sub if r["method"] in GUIDANCE]
+        if trained:
+            lines += table_lines(trained)
+        claims = claims_lines(trained)
         if claims:
             lines += ["", "Papers' claims at this budget:", *claims]
-        grids = [r for r in sub if r.get("status") == "ok"]
-        if grids:
+        searched = [r for r in trained if r.get("status") == "ok"]
+        if searched:
             lines += ["", "Grid points searched (validation reward of each): " + "; ".join(
                 f"{r['label']}: " + ", ".join(f"{_point(p['point'])} → {p['validation_reward']:.3f}"
-                                              for p in r["points"]) for r in grids) + "."]
+                                              for p in r["points"]) for r in searched) + "."]
+        if guided:
+            dpo = next((r for r in trained if r["method"] == "dpo"), None)
+            lines += ["", f"### {WORLDS[world].label}: inference-time guidance (reported apart)", "", GUIDANCE_NOTE,
+                      "", *guidance_lines(guided, dpo)]
+            scales = guidance_scales_line(guided)
+            if scales:
+                lines += ["", scales]
+        grids = [r for r in sub if r.get("status") == "ok"]
+        if grids:
             lines += ["", "Labelled held-out grids (per prompt a base row and a tuned row on the same seeds, the "
                       "reward under each sample): " + ", ".join(f"`{Path(r['grid']).name}`" for r in grids
                                                                if r.get("grid")) + f" in `{grid_dir_name(args)}`."]

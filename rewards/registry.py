@@ -20,6 +20,7 @@ _BUILTIN: dict[str, str] = {
     "shapes-oracle": "rewards.oracle:ShapesOracle",
     "compose-oracle": "rewards.oracle_compose:ComposeOracle",
     "shapes-video-oracle": "rewards.oracle_video:ShapesVideoOracle",
+    "toy-proxy": "rewards.toy_proxy:ToyProxyReward",  # a learned reward fitted to toy preference data
     "hpsv2": "rewards.clip:HPSv2",
     "hpsv2.1": "rewards.clip:HPSv21",
     "pickscore": "rewards.clip:PickScore",
