@@ -9,16 +9,22 @@ into training and held-out pairs is by prompt by default: pairs of one prompt sh
 image, so a pair-level split would leak. Losses and accuracy conventions: ``rewards/train_losses.py`` and
 ``rewards/train_metrics.py``.
 
-Output folder: ``model/`` (the released layout, swapped in whole when training ends), ``metrics.json``,
-``recipe.yaml`` (the resolved recipe), ``load.json`` (the ``load_reward`` call that reads the model back) and
-``train_state.pt`` (trainable weights + optimiser after each epoch: a rerun of the same recipe resumes from it).
+Training runs on ``accelerate`` (``rewards/train_loop.py``): ``mixed_precision: no | fp16 | bf16``, and
+``accelerate launch --num_processes N -m diffalign.cli train recipe.yaml`` trains data parallel, each process a
+share of every batch, with the update of one process.
+
+Output folder (written by the main process only): ``model/`` (the released layout, swapped in whole when
+training ends), ``metrics.json``, ``recipe.yaml`` (the resolved recipe), ``load.json`` (the ``load_reward``
+call that reads the model back) and ``train_state.pt`` (trainable weights, optimiser, step: written every
+``checkpointing_steps`` steps and at each epoch's end; a rerun of the same recipe resumes from it, step-exact —
+``rewards/train_state.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +32,14 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from diffalign.atomic import atomic_path, atomic_write_text, swap_in_folder, temp_folder_beside
+from diffalign.atomic import atomic_write_text, swap_in_folder, temp_folder_beside
 from diffalign.config import ConfigError, load_config, to_dict
 from rewards.train_adapters import RewardAdapter, adapter_class
+from rewards.train_loop import RewardLoop, make_accelerator
 from rewards.train_losses import bt_loss, bt_ties_loss
 from rewards.train_metrics import accuracy_with_ties, accuracy_without_ties, fit_tie_threshold
-
-STATE_FILE = "train_state.pt"
+from rewards.train_scorers import CachedScorer, FullScorer, all_deltas
+from rewards.train_state import STATE_FILE, load_state
 
 
 @dataclass
@@ -72,7 +79,12 @@ class RewardTrainConfig:
     eval_batch_size: int = 32
     grad_clip: float | None = 1.0
     seed: int = 0
+    #: ``cpu``, ``cuda`` (under ``accelerate launch``: each process its own GPU), ``cuda:N`` or ``auto``
     device: str = "cpu"
+    #: autocast for scoring and training (as accelerate's ``--mixed_precision``; fp16 adds loss scaling)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: also write ``train_state.pt`` every this many optimiser steps (0: at epoch ends only)
+    checkpointing_steps: int = 500
     #: model-tie threshold ε for the with-ties accuracy; None = fitted on the training split
     tie_threshold: float | None = None
     #: continue from ``output_dir/train_state.pt`` when it was written by this same recipe
@@ -97,6 +109,10 @@ class RewardTrainConfig:
             raise ValueError(f"tie_threshold must be ≥ 0, got {self.tie_threshold}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if isinstance(self.checkpointing_steps, bool) or self.checkpointing_steps < 0:
+            raise ValueError(f"checkpointing_steps must be a whole number ≥ 0, got {self.checkpointing_steps!r}")
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
 
 
 def load_reward_recipe(path: str | Path | dict, overrides: Sequence[str] = ()) -> RewardTrainConfig:
@@ -107,8 +123,12 @@ def run_reward_recipe(path: str | Path | dict, overrides: Sequence[str] = ()) ->
     """``diffalign train`` for ``kind: reward-model`` recipes: train, write the model, return
     ``{"checkpoint", "load_kwargs", "reward", "output_dir", "metrics", "model"}`` (``model``: the trained
     reward, in memory)."""
+    from accelerate import PartialState
+
     cfg = load_reward_recipe(path, overrides)
     result = train_reward(cfg)
+    if not PartialState().is_main_process:  # one report per launch
+        return result
     m = result["metrics"]
     print(f"reward {cfg.reward} ({cfg.train}, {cfg.loss}): {m['n_train']} train / {m['n_heldout']} held-out "
           f"pairs; held-out accuracy w/o ties {_pct(m['heldout_acc_without_ties'])} (before "
@@ -126,11 +146,15 @@ def _pct(x: float | None) -> str:
 
 
 def train_reward(cfg: RewardTrainConfig) -> dict:
+    """Train on every process of the launch (one, or N under ``accelerate launch``); the main process alone
+    writes the state, the model and the JSON files. Every process returns the same result."""
     from diffalign.data.preference import load_preferences
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    adapter = build_adapter(cfg)
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    adapter = build_adapter(cfg, accelerator.device)
     reward = adapter.reward
     data = load_preferences(cfg.data, format=cfg.data_format, ties=cfg.ties, image_root=cfg.image_root)
     pairs = list(data.pairs)
@@ -147,33 +171,44 @@ def train_reward(cfg: RewardTrainConfig) -> dict:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch = _resume(cfg, reward, opt, out)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    state = load_state(out / STATE_FILE, cfg, reward, opt, getattr(accelerator, "scaler", None), steps_per_epoch)
+    if state is not None:
+        accelerator.print(f"resuming from {out / STATE_FILE} after step {state['step']}")
 
-    scorer = _CachedScorer(adapter, pairs, cfg) if cfg.train == "head" else _FullScorer(adapter, pairs, cfg)
-    before = _evaluate(scorer, pairs, train_idx, held_idx, cfg) if start_epoch == 0 else _read_before(out)
-    history = []
-    for epoch in range(start_epoch, cfg.epochs):
-        loss = _train_epoch(scorer, pairs, train_idx, opt, params, cfg, epoch)
-        history.append({"epoch": epoch + 1, "train_loss": loss})
-        _save_state(cfg, reward, opt, epoch + 1, before, out)
-    after = _evaluate(scorer, pairs, train_idx, held_idx, cfg)
+    scorer_cls = CachedScorer if cfg.train == "head" else FullScorer
+    scorer = scorer_cls(adapter, pairs, cfg, accelerator)
+    before = _evaluate(scorer, pairs, train_idx, held_idx, cfg, accelerator) if state is None else state["before"]
+    loop = RewardLoop(accelerator, scorer, pairs, train_idx, opt, params, cfg, out / STATE_FILE, before)
+    start = 0 if state is None else min(state["step"], loop.total)
+    history = loop.run(start, (0.0, 0) if state is None else state["epoch_sums"])
+    after = _evaluate(scorer, pairs, train_idx, held_idx, cfg, accelerator)
 
     reward.requires_grad_(False)
     reward.eval()
-    checkpoint = _write_model(adapter, out / "model")
     load_kwargs = adapter.load_kwargs(dict(cfg.reward_kwargs), cfg.from_config)
     metrics = {**after, "before": before, "epochs": history, "n_train": len(train_idx), "n_heldout": len(held_idx),
                "n_heldout_ties": sum(pairs[i].is_tie for i in held_idx), "train": cfg.train, "loss": cfg.loss,
-               "ties": cfg.ties, "split": cfg.split, "data_report": str(data.report)}
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "load.json", {"reward": cfg.reward, "checkpoint": str(checkpoint), "kwargs": load_kwargs})
-    atomic_write_text(out / "recipe.yaml", _yaml(to_dict(cfg)))
-    return {"checkpoint": str(checkpoint), "load_kwargs": load_kwargs, "reward": cfg.reward,
+               "ties": cfg.ties, "split": cfg.split, "data_report": str(data.report),
+               "processes": accelerator.num_processes, "mixed_precision": cfg.mixed_precision}
+    written = [None]
+    if accelerator.is_main_process:
+        checkpoint = _write_model(adapter, out / "model")
+        _write_json(out / "metrics.json", metrics)
+        _write_json(out / "load.json", {"reward": cfg.reward, "checkpoint": str(checkpoint), "kwargs": load_kwargs})
+        atomic_write_text(out / "recipe.yaml", _yaml(to_dict(cfg)))
+        written = [str(checkpoint)]
+    if accelerator.num_processes > 1:  # the other processes learn the path (and that the files are there)
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(written)
+    return {"checkpoint": written[0], "load_kwargs": load_kwargs, "reward": cfg.reward,
             "output_dir": str(out), "metrics": metrics, "model": reward}
 
 
-def build_adapter(cfg: RewardTrainConfig) -> RewardAdapter:
-    """The reward to train, from its checkpoint or at random from ``from_config`` (seeded), on ``cfg.device``."""
+def build_adapter(cfg: RewardTrainConfig, device: torch.device | str | None = None) -> RewardAdapter:
+    """The reward to train, from its checkpoint or at random from ``from_config`` (seeded: every process of a
+    launch builds the same weights), on ``device`` (default ``cfg.device``)."""
     from rewards.registry import load_reward, reward_class
 
     cls = reward_class(cfg.reward)
@@ -186,7 +221,7 @@ def build_adapter(cfg: RewardTrainConfig) -> RewardAdapter:
             reward = adapter_cls.build_random(cls, dict(cfg.from_config))
         except ValueError as exc:
             raise ConfigError(f"from_config: {exc}") from exc
-    return adapter_cls(reward.to(cfg.device))
+    return adapter_cls(reward.to(cfg.device if device is None else device))
 
 
 def split_indices(prompts: Sequence[str], fraction: float, seed: int, by: str = "prompt", *,
@@ -215,113 +250,10 @@ def split_indices(prompts: Sequence[str], fraction: float, seed: int, by: str = 
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def _chunks(idx: Sequence[int], size: int):
-    for s in range(0, len(idx), size):
-        yield list(idx[s:s + size])
-
-
-def _decode(pairs, idx):
-    chosen, rejected = [], []
-    for i in idx:
-        try:
-            chosen.append(pairs[i].chosen_image())
-            rejected.append(pairs[i].rejected_image())
-        except Exception as exc:
-            raise ValueError(f"preference pair {pairs[i].id or i}: cannot decode its images: {exc}") from exc
-    return chosen, rejected, [pairs[i].prompt for i in idx]
-
-
-class _CachedScorer:
-    """``train: head``: features of every image computed once (no grad, eval mode), the head applied per step."""
-
-    def __init__(self, adapter: RewardAdapter, pairs, cfg: RewardTrainConfig):
-        from tqdm.auto import tqdm
-
-        self.adapter = adapter
-        reward = adapter.reward
-        reward.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad(), tqdm(total=len(pairs), desc="caching features", unit="pair",
-                                   disable=not cfg.progress) as bar:
-            for idx in _chunks(range(len(pairs)), cfg.eval_batch_size):
-                chosen, rejected, prompts = _decode(pairs, idx)
-                feats = adapter.head_features(chosen + rejected, prompts + prompts)
-                n = len(idx)
-                for k, v in feats.items():
-                    parts.setdefault("c:" + k, []).append(v[:n])
-                    parts.setdefault("r:" + k, []).append(v[n:])
-                bar.update(n)
-        self.feats = {k: torch.cat(v) for k, v in parts.items()}
-
-    def deltas(self, idx: list[int], *, grad: bool) -> torch.Tensor:
-        take = torch.as_tensor(idx, dtype=torch.long)
-        with torch.set_grad_enabled(grad):
-            fc = {k[2:]: v[take] for k, v in self.feats.items() if k.startswith("c:")}
-            fr = {k[2:]: v[take] for k, v in self.feats.items() if k.startswith("r:")}
-            both = {k: torch.cat([fc[k], fr[k]]) for k in fc}
-            s = self.adapter.head_score(both)
-        return s[:len(idx)] - s[len(idx):]
-
-
-class _FullScorer:
-    """``train: full``: images decoded per step, chosen and rejected scored in one differentiable call."""
-
-    def __init__(self, adapter: RewardAdapter, pairs, cfg: RewardTrainConfig):
-        self.adapter, self.pairs = adapter, pairs
-
-    def deltas(self, idx: list[int], *, grad: bool) -> torch.Tensor:
-        chosen, rejected, prompts = _decode(self.pairs, idx)
-        if grad:
-            s = self.adapter.full_score(chosen + rejected, prompts + prompts)
-        else:
-            with torch.no_grad():
-                s = self.adapter.reward.score(chosen + rejected, prompts + prompts)
-        return s[:len(idx)] - s[len(idx):]
-
-
-def _loss(delta: torch.Tensor, pairs, idx: list[int], cfg: RewardTrainConfig) -> torch.Tensor:
-    labels = torch.tensor([pairs[i].label for i in idx], dtype=delta.dtype, device=delta.device)
-    if cfg.loss == "bt":
-        return bt_loss(delta, labels)
-    return bt_ties_loss(delta, labels == 0.5, theta=cfg.tie_theta)
-
-
-def _train_epoch(scorer, pairs, train_idx, opt, params, cfg: RewardTrainConfig, epoch: int) -> float:
-    from tqdm.auto import tqdm
-
-    scorer.adapter.reward.train()
-    # per-epoch seeds: shuffling and dropout replay exactly when a run resumes at this epoch
-    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    torch.manual_seed(cfg.seed * 100_003 + epoch)
-    total, count = 0.0, 0
-    batches = list(_chunks([train_idx[i] for i in order.tolist()], cfg.batch_size))
-    with tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress) as bar:
-        for idx in bar:
-            loss = _loss(scorer.deltas(idx, grad=True), pairs, idx, cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: non-finite loss {loss.item()} (lower lr?)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-    scorer.adapter.reward.eval()
-    return total / max(count, 1)
-
-
-def _all_deltas(scorer, idx: list[int], cfg: RewardTrainConfig) -> torch.Tensor:
-    scorer.adapter.reward.eval()
-    out = [scorer.deltas(chunk, grad=False).detach().float().cpu() for chunk in _chunks(idx, cfg.eval_batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def _evaluate(scorer, pairs, train_idx, held_idx, cfg: RewardTrainConfig) -> dict:
+def _evaluate(scorer, pairs, train_idx, held_idx, cfg: RewardTrainConfig, accelerator) -> dict:
     """Accuracies on both splits; the with-ties threshold ε is fitted on the training split only."""
-    d_train = _all_deltas(scorer, train_idx, cfg)
-    d_held = _all_deltas(scorer, held_idx, cfg)
+    d_train = all_deltas(scorer, train_idx, cfg, accelerator)
+    d_held = all_deltas(scorer, held_idx, cfg, accelerator)
     t_train = torch.tensor([pairs[i].is_tie for i in train_idx], dtype=torch.bool)
     t_held = torch.tensor([pairs[i].is_tie for i in held_idx], dtype=torch.bool)
     has_ties = cfg.ties == "keep" and bool(t_train.any() or t_held.any())
@@ -340,47 +272,7 @@ def _evaluate(scorer, pairs, train_idx, held_idx, cfg: RewardTrainConfig) -> dic
     }
 
 
-# --- state, files -------------------------------------------------------------------------------------------
-
-
-def _fingerprint(cfg: RewardTrainConfig) -> str:
-    """What must match for a saved state to be resumed: everything but the epoch count and cosmetics."""
-    d = to_dict(cfg)
-    for k in ("epochs", "progress", "resume", "device", "eval_batch_size", "output_dir", "tie_threshold"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_state(cfg, reward, opt, epoch: int, before: dict, out: Path) -> None:
-    trainable = {n: p.detach().cpu().clone() for n, p in reward.named_parameters() if p.requires_grad}
-    state = {"fingerprint": _fingerprint(cfg), "epoch": epoch, "trainable": trainable,
-             "optimizer": opt.state_dict(), "before": json.dumps(before)}
-    with atomic_path(out / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-
-
-def _resume(cfg, reward, opt, out: Path) -> int:
-    path = out / STATE_FILE
-    if not cfg.resume or not path.is_file():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != _fingerprint(cfg):
-        raise ValueError(f"{path} was written by a different recipe (reward, data, loss or hyper-parameters "
-                         "differ); use a new output_dir, or set resume: false to start over")
-    named = dict(reward.named_parameters())
-    wanted = {n for n, p in named.items() if p.requires_grad}
-    if set(state["trainable"]) != wanted:
-        raise ValueError(f"{path}: its trainable parameters do not match this model; set resume: false")
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            named[n].copy_(t)
-    opt.load_state_dict(state["optimizer"])
-    print(f"resuming from {path} after epoch {state['epoch']}")
-    return min(int(state["epoch"]), cfg.epochs)
-
-
-def _read_before(out: Path) -> dict:
-    return json.loads(torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)["before"])
+# --- files --------------------------------------------------------------------------------------------------
 
 
 def _write_model(adapter: RewardAdapter, folder: Path) -> Path:
