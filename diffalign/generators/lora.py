@@ -1,7 +1,12 @@
 """LoRA on a generator's denoiser: add, save in diffusers' format, load back.
 
 Saved files are what ``pipeline.load_lora_weights(dir)`` reads (``pytorch_lora_weights.safetensors`` with
-``unet.``/``transformer.`` prefixed keys), so a LoRA trained here drops into any diffusers pipeline.
+``unet.``/``transformer.`` prefixed keys), so a LoRA trained here drops into any diffusers pipeline. Key format
+follows diffusers' own training scripts: UNets in diffusers' format (``to_q.lora.down``), transformers in peft's
+(``to_q.lora_A``). Mixing the two in one file is what must never happen: diffusers' loader decides the format from
+the *first* key, so an SD3/Flux file whose ``add_k_proj.lora_A`` keys sort before ``to_q.lora.down`` would load
+the context-stream projections and silently drop every image-stream attention LoRA. ``load_lora`` therefore
+normalises legacy keys and checks that every tensor of the file landed in the model.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ def lora_state_dict(gen: Generator, adapter_name: str = "default") -> dict[str, 
     from peft.utils import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(gen.denoiser, adapter_name=adapter_name)
+    if _FAMILY[gen.family][0] == "transformer":  # diffusers' transformer scripts save peft keys as they are
+        return sd
     return convert_state_dict_to_diffusers(sd)
 
 
@@ -96,12 +103,37 @@ def load_lora(gen: Generator, folder: str | Path, adapter_name: str = "default")
         raise FileNotFoundError(f"LoRA weights not found: {weights}")
     prefix = _FAMILY[gen.family][0]
     if hasattr(gen.denoiser, "load_lora_adapter"):
-        # Named as a .safetensors file, diffusers also reads the adapter config stored in it; given only a path
-        # it falls back to a plain state-dict load and alpha silently becomes the rank.
-        gen.denoiser.load_lora_adapter(str(weights.parent), weight_name=weights.name, use_safetensors=True,
-                                       prefix=prefix, adapter_name=adapter_name, local_files_only=True)
+        sd = _read_lora_tensors(weights)
+        if prefix == "transformer":  # files written before transformers were saved in peft's format
+            sd = {_peft_key(k): v for k, v in sd.items()}
+        # the adapter config save_lora stored in the file (rank, alpha, targets): without it alpha becomes the rank
+        gen.denoiser.load_lora_adapter(sd, prefix=prefix, adapter_name=adapter_name, metadata=_stored_config(weights))
+        _check_all_loaded(gen.denoiser, sd, prefix, adapter_name, weights)
         return
     _load_lora_with_peft(gen.denoiser, weights, prefix, adapter_name)
+
+
+def _read_lora_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(weights))
+
+
+def _peft_key(key: str) -> str:
+    """diffusers' legacy ``….lora.down.weight`` / ``….lora.up.weight`` -> peft's ``….lora_A.weight`` / ``lora_B``."""
+    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
+def _check_all_loaded(model: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str, adapter_name: str,
+                      weights: Path) -> None:
+    """Every LoRA matrix of the file must now be a parameter of the model (diffusers skips keys it cannot place)."""
+    wanted = {k[len(prefix) + 1:] for k in sd if k.startswith(prefix + ".")}
+    loaded = {n.replace(f".{adapter_name}.", ".") for n, _ in model.named_parameters()
+              if f".lora_A.{adapter_name}." in n or f".lora_B.{adapter_name}." in n}
+    missing = sorted(k for k in (_peft_key(k) for k in wanted) if k not in loaded)
+    if missing:
+        raise ValueError(f"{weights}: {len(missing)} of {len(wanted)} LoRA matrices were not loaded into the "
+                         f"denoiser (e.g. {missing[:3]}); the file does not match this model")
 
 
 def _stored_config(weights: Path) -> dict | None:
