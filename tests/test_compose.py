@@ -299,16 +299,38 @@ def test_pretrain_writes_a_24px_pipeline_the_generator_loads(tmp_path):
     assert out.media.shape == (2, 3, 24, 24)
 
 
-def test_shipped_compose_base_loads_and_samples():
+def test_pretrain_flow_writes_a_24px_flow_pipeline_that_resumes(tmp_path):
+    from diffalign.generators.registry import load_generator
+    from diffalign.toyworld.pretrain_compose import ComposeFlowPretrainConfig, pretrain_compose_flow
+
+    config = ComposeFlowPretrainConfig(steps=2, batch_size=4, layers=1, heads=2, head_dim=8, text_dim=16, warmup=2,
+                                       save_every=0, log_every=1, threads=None, seed=7)
+    summary = pretrain_compose_flow(config, tmp_path / "base", tmp_path / "state.pt", log=lambda m: None)
+    assert summary["step"] == 2
+    config.steps = 3  # resuming trains only the difference
+    assert pretrain_compose_flow(config, tmp_path / "base", tmp_path / "state.pt", log=lambda m: None)["step"] == 3
+    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
+    assert index["_class_name"] == "ToyComposeFlowPipeline"
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    gen = load_generator(tmp_path / "base")
+    assert gen.family == "flow" and gen.denoiser.config.sample_size == 24
+    assert gen.conditioner.text_encoder.config.max_length == 8
+    out = gen.sample([REL, "three red circles"], steps=2, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    assert out.media.shape == (2, 3, 24, 24)
+
+
+@pytest.mark.parametrize("name, denoiser", [("compose-unet", "unet"), ("compose-flow", "transformer")])
+def test_shipped_compose_bases_load_and_sample(name, denoiser):
     from diffalign.generators.registry import load_generator
 
-    path = base_generator_path("compose-unet")
+    path = base_generator_path(name)
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     assert total <= 15 * 1024 * 1024
-    for part in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                 "text_encoder/config.json", "text_encoder/diffusion_pytorch_model.safetensors", "README.md"):
+    for part in (f"{denoiser}/config.json", f"{denoiser}/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "text_encoder/diffusion_pytorch_model.safetensors", "README.md"):
         assert (path / part).is_file(), part
-    gen = load_generator("toy:compose-unet")
+    gen = load_generator(f"toy:{name}")
     out = gen.sample([REL], steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
     assert out.media.shape == (1, 3, 24, 24)
     assert out.media.min() >= 0 and out.media.max() <= 1
