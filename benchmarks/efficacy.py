@@ -170,11 +170,13 @@ def _point(point: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "recipe as written"
 
 
-def table_lines(rows: list[dict]) -> list[str]:
+def table_lines(rows: list[dict], world_dpo: dict | None = None) -> list[str]:
+    """The trained rows' table; goals compare with the section's Diffusion-DPO row, else ``world_dpo`` (the world's
+    main-section row: a section of borrowed grid points has no DPO of its own)."""
     lines = ["| method | chosen on validation (of n points) | held-out reward base → tuned | gain [95% CI] | "
              "win-rate (W/T/L) | accuracy base → tuned | drift | data / online budget | wall (s) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    dpo = next((r for r in rows if r["method"] == "dpo"), None)
+    dpo = next((r for r in rows if r["method"] == "dpo"), world_dpo)
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r['label']} | – | – | – | – | – | – | – | – | {r.get('status', 'not run')} |")
@@ -321,7 +323,9 @@ def write_table(rows: list[dict], args, path: Path) -> str:
         trained = [r for r in sub if r["method"] not in GUIDANCE]
         guided = [r for r in sub if r["method"] in GUIDANCE]
         if trained:
-            lines += table_lines(trained)
+            main_dpo = next((r for r in rows if r["world"] == world and r.get("section", "main") == "main"
+                             and r["method"] == "dpo" and r.get("budget") == budget), None)
+            lines += table_lines(trained, main_dpo)
         claims = claims_lines(trained)
         if claims:
             lines += ["", "Papers' claims at this budget:", *claims]
