@@ -39,13 +39,13 @@ def proxy_reward(ctx) -> tuple[Any, dict]:
 
     Pairs inside each list count when their oracle-score gap exceeds the budget's ``min_margin`` — the gap the pair
     methods' best-vs-worst data use."""
-    from benchmarks.efficacy_protocol import _exclusive
+    from benchmarks.efficacy_protocol import exclusive
     from rewards import load_reward
     from rewards.toy_proxy import CONFIG, train_toy_proxy_from_ranked
 
     folder = proxy_folder(ctx.root)
     if not (folder / CONFIG).is_file():
-        with _exclusive(ctx.root / "proxy.lock"):
+        with exclusive(ctx.root / "proxy.lock"):
             if not (folder / CONFIG).is_file():
                 ctx.log(f"[{ctx.world.name}] training the learned proxy reward on {ctx.data.ranked_dir}")
                 fit = train_toy_proxy_from_ranked(ctx.data.ranked_dir, folder, seed=PROXY_SEED,

@@ -225,7 +225,7 @@ def world_data(world: World, family: str, budget: Budget, plan: SplitPlan, root:
     folder = root / "data"
     done = read_json(folder / "data.json")
     if done is None:
-        with _exclusive(folder / "synth.lock"):  # another run synthesising the same data: wait for it
+        with exclusive(folder / "synth.lock"):  # another run synthesising the same data: wait for it
             done = read_json(folder / "data.json")
             if done is None:
                 return _synthesise(world, family, budget, plan, folder)
@@ -234,7 +234,7 @@ def world_data(world: World, family: str, budget: Budget, plan: SplitPlan, root:
 
 
 @contextlib.contextmanager
-def _exclusive(lock: Path, poll_s: float = 5.0):
+def exclusive(lock: Path, poll_s: float = 5.0):
     """A lock file created atomically; a run that finds it waits (a stale lock from a killed run: delete it)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:

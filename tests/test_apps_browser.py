@@ -1,10 +1,7 @@
 """One real browser: headless Chromium clicks a vote and sees the leaderboard change; a screenshot is saved."""
 
 import os
-import shutil
 from pathlib import Path
-
-import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -12,20 +9,6 @@ from apps.arena import ArenaConfig, LeaderboardConfig, serve  # noqa: E402
 from apps.contenders import ContenderConfig  # noqa: E402
 from apps.serve import ServerConfig  # noqa: E402
 from test_apps_support import MODELS, free_port, make_gallery, running  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture
-def chromium():
-    """Debian's chromium. The README's test command (`bash .ci/run`) installs it; a run without it fails here with
-    the fix rather than skipping, so a missing browser can never hide a broken arena page."""
-    path = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    if path is None:
-        pytest.fail("chromium is not installed: run `bash .ci/run` (it installs it as root) or "
-                    "`apt-get update && apt-get install -y chromium`")
-    return path
-
 
 def test_click_vote_and_leaderboard_updates(tmp_path, chromium):
     from playwright.sync_api import expect, sync_playwright

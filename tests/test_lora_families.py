@@ -40,6 +40,13 @@ def lora_params(gen):
     return {n for n, _ in gen.denoiser.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
+def assert_loads_back_whole(folder, gen, lora_dir):
+    """A fresh generator with the saved LoRA has every adapter matrix of ``gen`` and predicts as it does."""
+    again = load_generator(folder, lora=lora_dir)
+    assert lora_params(again) == lora_params(gen)
+    torch.testing.assert_close(prediction(again), prediction(gen), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FOLDERS))
 def test_saved_lora_loads_back_whole_and_predicts_the_same(family, tmp_path):
     folder = FOLDERS[family](tmp_path / family)
@@ -47,9 +54,7 @@ def test_saved_lora_loads_back_whole_and_predicts_the_same(family, tmp_path):
     save_lora(gen, tmp_path / "lora")
     keys = load_file(str(tmp_path / "lora" / LORA_WEIGHTS))
     assert all(".lora_A." in k or ".lora_B." in k for k in keys)  # one key format in the file
-    again = load_generator(folder, lora=tmp_path / "lora")
-    assert lora_params(again) == lora_params(gen)
-    torch.testing.assert_close(prediction(again), prediction(gen), atol=1e-5, rtol=1e-5)
+    assert_loads_back_whole(folder, gen, tmp_path / "lora")
 
 
 def test_sd3_lora_loads_whole_into_a_diffusers_pipeline(tmp_path):
@@ -78,9 +83,7 @@ def test_a_legacy_file_mixing_key_formats_loads_whole(tmp_path):
                "to_add_out" not in k else k): v for k, v in load_file(str(path)).items()}
     assert any(".lora.down." in k for k in legacy) and any(".lora_A." in k for k in legacy)
     save_file(legacy, str(path), metadata=metadata)
-    again = load_generator(folder, lora=tmp_path / "lora")
-    assert lora_params(again) == lora_params(gen)
-    torch.testing.assert_close(prediction(again), prediction(gen), atol=1e-5, rtol=1e-5)
+    assert_loads_back_whole(folder, gen, tmp_path / "lora")
 
 
 def test_a_file_for_another_model_is_refused_naming_the_missing_matrices(tmp_path):

@@ -2,9 +2,7 @@
 written by ``diffalign eval`` beside eval.json, and renders in headless Chromium with every image decoded."""
 
 import json
-import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ import torch
 from diffalign.eval import compare, outcome_values
 from diffalign.report_html import ReportSection, SplitResult, render_report_html, write_report_html
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _split(name: str, prompts, seeds=6, size=8, seed=0, shift=0.05) -> SplitResult:
@@ -160,15 +157,6 @@ def test_several_rewards_get_one_section_each(tmp_path):
     evaluate_generator(gen, cfg, tmp_path / "eval", reward=_TwoRewards())
     page = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
     assert re.findall(r"<h2>Reward: ([^<]+)</h2>", page) == ["bright-and-dark", "bright", "dark"]
-
-
-@pytest.fixture
-def chromium():
-    """Skips only when no Chromium is installed (Playwright, a dev dependency, must be there)."""
-    path = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    return path
 
 
 def test_report_renders_in_chromium_without_errors(tmp_path, chromium):

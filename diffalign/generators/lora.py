@@ -103,7 +103,9 @@ def load_lora(gen: Generator, folder: str | Path, adapter_name: str = "default")
         raise FileNotFoundError(f"LoRA weights not found: {weights}")
     prefix = _FAMILY[gen.family][0]
     if hasattr(gen.denoiser, "load_lora_adapter"):
-        sd = _read_lora_tensors(weights)
+        from safetensors.torch import load_file
+
+        sd = load_file(str(weights))
         if prefix == "transformer":  # files written before transformers were saved in peft's format
             sd = {_peft_key(k): v for k, v in sd.items()}
         # the adapter config save_lora stored in the file (rank, alpha, targets): without it alpha becomes the rank
@@ -111,12 +113,6 @@ def load_lora(gen: Generator, folder: str | Path, adapter_name: str = "default")
         _check_all_loaded(gen.denoiser, sd, prefix, adapter_name, weights)
         return
     _load_lora_with_peft(gen.denoiser, weights, prefix, adapter_name)
-
-
-def _read_lora_tensors(weights: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(weights))
 
 
 def _peft_key(key: str) -> str:
