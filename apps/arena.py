@@ -382,21 +382,24 @@ def export_for_admin(arena: Arena, exclude_flagged: bool) -> tuple[str, Path]:
 
 def build_arena_ui(arena: Arena):
     """Gradio Blocks: Arena tab (battle + votes + reveal), Leaderboard tab, and an Admin tab for flagging and
-    exporting. Each event has its own queue concurrency: votes and battles are short and may run many at once,
-    the leaderboard's bootstrap is CPU-bound (two at a time), admin work runs alone."""
+    exporting. A vote button stores the vote, reveals that battle and shows the next one in one response; votes and
+    battles skip Gradio's queue (one HTTP request each), while the leaderboard's bootstrap is CPU-bound and queued
+    two at a time, and admin work runs alone."""
     gr = import_gradio()
     ident = Identity(arena.cfg.server, SessionKeys.beside(arena.store.path))
-    n_fast = arena.cfg.server.concurrency
+
+    def shown(b: Battle, reveal: str = "") -> list:
+        """What the Arena tab's outputs show for a fresh battle: prompt, both media, its id, a line, live buttons."""
+        left, right = arena.media_path(b.left[1]), arena.media_path(b.right[1])
+        buttons = [gr.update(interactive=True) for _ in SIDES]
+        return [f"### Prompt: {html.escape(b.prompt)}", left, right, b.battle_id, reveal] + buttons
 
     def issue(request: gr.Request):
         try:
             judge, session, ip = ident(request)
-            b = arena.new_battle(judge, session, ip)
+            return shown(arena.new_battle(judge, session, ip))
         except (PermissionError, VoteRejected) as exc:
             raise gr.Error(str(exc)) from None
-        left, right = arena.media_path(b.left[1]), arena.media_path(b.right[1])
-        buttons = [gr.update(interactive=True) for _ in SIDES]
-        return [f"### Prompt: {html.escape(b.prompt)}", left, right, b.battle_id, ""] + buttons
 
     def cast(side: str, battle_id: str, vote_id: str | None, request) -> dict:
         try:
@@ -407,8 +410,21 @@ def build_arena_ui(arena: Arena):
 
     def reveal_text(result: dict) -> str:
         chosen = {"left": "A", "right": "B", "tie": "a tie", "bothbad": "both bad"}[result["side"]]
-        return (f"**A** was **{html.escape(result['left_model'])}** · **B** was "
-                f"**{html.escape(result['right_model'])}** — you voted {chosen}. Thanks! Press *New round* (or N).")
+        return (f"Last round: **A** was **{html.escape(result['left_model'])}** · **B** was "
+                f"**{html.escape(result['right_model'])}** — you voted {chosen}. Thanks! The next pair is below.")
+
+    def vote_and_next(side: str, battle_id: str, request) -> list:
+        """A button's vote: store it, reveal that battle's models and show the next battle, in one round trip (a
+        person waits for one response between their click and the next pair). When no next battle can be issued
+        (a rate limit, every contender retired) the vote stays stored and revealed, and the buttons wait for
+        *New round*."""
+        reveal = reveal_text(cast(side, battle_id, None, request))
+        try:
+            judge, session, ip = ident(request)
+            return shown(arena.new_battle(judge, session, ip), reveal)
+        except (PermissionError, VoteRejected) as exc:
+            waiting = f"{reveal}\n\nNo next pair yet: {html.escape(str(exc))}"
+            return [gr.update(), gr.update(), gr.update(), "", waiting] + [gr.update(interactive=False) for _ in SIDES]
 
     def vote_api(side: str, battle_id: str, vote_id: str, request: gr.Request) -> dict:
         """Vote on a battle issued by /new_battle: side is left, right, tie or bothbad; vote_id (optional) makes
@@ -486,21 +502,23 @@ def build_arena_ui(arena: Arena):
         outs = [prompt_md, left, right, battle_box, reveal] + buttons
         shortcuts = {f"vote-{s}": SIDE_KEYS[s] for s in SIDES} | {"new-round": NEW_ROUND_KEYS}
         demo.load(None, None, None, js=page_js(shortcuts, arena.cfg.min_display_px), api_visibility="private")
-        battle_events = dict(concurrency_limit=n_fast, concurrency_id="arena_battle")
-        demo.load(issue, None, outs, api_visibility="private", **battle_events)
-        again.click(issue, None, outs, api_name="new_battle", **battle_events)
+        # votes and battles skip Gradio's queue: each is one plain HTTP request (the page's client posts to
+        # /gradio_api/run/...) answered from a thread, instead of a queue join plus a server-sent-event stream.
+        # They are short (an SQLite write, a battle taken from the pool), so the queue's admission control buys
+        # nothing here; the leaderboard's bootstrap and admin work stay queued.
+        fast = dict(queue=False)
+        demo.load(issue, None, outs, api_visibility="private", **fast)
+        again.click(issue, None, outs, api_name="new_battle", **fast)
 
         def clicker(side: str):
             def on_click(battle_id: str, request: gr.Request):
-                result = cast(side, battle_id, None, request)
-                return [reveal_text(result)] + [gr.update(interactive=False) for _ in SIDES]
+                return vote_and_next(side, battle_id, request)
 
             return on_click
 
-        vote_events = dict(concurrency_limit=n_fast, concurrency_id="arena_vote")
         for side, btn in zip(SIDES, buttons):
-            btn.click(clicker(side), battle_box, [reveal] + buttons, api_visibility="private", **vote_events)
-        gr.api(vote_api, api_name="vote", **vote_events)
+            btn.click(clicker(side), battle_box, outs, api_visibility="private", **fast)
+        gr.api(vote_api, api_name="vote", **fast)
         board_events = dict(concurrency_limit=2, concurrency_id="arena_board")
         refresh.click(board_outputs, None, [table, pairs, heat, summary], api_name="leaderboard", **board_events)
         lb_tab.select(board_outputs, None, [table, pairs, heat, summary], api_visibility="private", **board_events)
@@ -523,9 +541,10 @@ def serve(cfg: ArenaConfig, *, block: bool = True, port: int | None = None):
     arena.pool.start()  # prepare battles before the first visitor arrives (when the pool prepares any)
     try:
         demo = build_arena_ui(arena)
-        # only the media are served from disk; exports reach admins as copies (``export_for_admin``)
+        # only the media are served from disk, in place (content-addressed files that never change, so nothing is
+        # copied or hashed per response); exports reach admins as copies (``export_for_admin``)
         launch(demo, cfg.server, keys=SessionKeys.beside(arena.store.path), limits=cfg.limits,
-               allowed_paths=[arena.store.media_dir], block=block, port=port,
+               static_paths=[arena.store.media_dir], block=block, port=port,
                on_app=lambda app: mount_rest(app, arena))
     except BaseException:  # a failed start (or Ctrl-C while blocking) leaves no pool thread behind
         arena.close()

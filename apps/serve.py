@@ -127,8 +127,8 @@ class Identity:
 
 
 def launch(demo: Any, server: ServerConfig, *, keys: SessionKeys | None = None, limits: LimitsConfig | None = None,
-           uploads: bool = False, allowed_paths: Sequence[str | Path] = (), block: bool = True,
-           port: int | None = None, on_app: Callable[[Any], None] | None = None) -> Any:
+           uploads: bool = False, allowed_paths: Sequence[str | Path] = (), static_paths: Sequence[str | Path] = (),
+           block: bool = True, port: int | None = None, on_app: Callable[[Any], None] | None = None) -> Any:
     """Queue and launch on ``server.host`` (loopback unless the config says otherwise) with login when users are
     configured. ``block=False`` returns at once (tests); the caller then ``demo.close()``s.
 
@@ -137,6 +137,9 @@ def launch(demo: Any, server: ServerConfig, *, keys: SessionKeys | None = None, 
     (``apps.rest`` puts its raw-ASGI routes in front of Gradio's app) are installed from the server's lifespan
     start-up, which uvicorn completes before it listens: no early request meets a half-mounted site.
     The guard is left in ``app.state.login_guard`` for ``on_app``'s routes to share.
+    ``allowed_paths`` are served after Gradio copies each file it returns into its cache; ``static_paths`` are
+    served in place (for files that never change once written: no copy and no hash per response). Both sit behind
+    the sign-in when there is one.
     Uvicorn uses httptools and uvloop by itself when they are installed (the [app] extra lists them) instead of
     h11 and the standard asyncio loop: its fast path, and the one ``benchmarks/arena_load.py`` measures."""
     import contextlib
@@ -165,10 +168,14 @@ def launch(demo: Any, server: ServerConfig, *, keys: SessionKeys | None = None, 
         yield
 
     demo.queue(default_concurrency_limit=server.concurrency, max_size=1024)
+    if static_paths:
+        import gradio as gr
+
+        gr.set_static_paths([str(p) for p in static_paths])
     demo.launch(server_name=server.host, server_port=port or server.port, prevent_thread_lock=True,
                 quiet=not block, auth=PasswordCheck(server.users) if login else None,
                 auth_message="Sign in to vote" if login else None,
-                allowed_paths=[str(p) for p in allowed_paths], footer_links=["api"], max_file_size="50mb",
+                allowed_paths=[str(p) for p in [*allowed_paths, *static_paths]], footer_links=["api"], max_file_size="50mb",
                 show_error=True, app_kwargs={"lifespan": lifespan}, num_workers=0)
     if not installed:  # uvicorn logs a failed lifespan start-up and serves anyway; refuse to run half-guarded
         demo.close()

@@ -13,12 +13,15 @@ script with ``--_serve``), so the voters' own Python work does not share the ser
     the last byte of the reply (battles are reported too); the server's own handler time comes back in
     ``Server-Timing``. CPU per request of both processes is reported, since on a shared machine it moves far
     less than latency does.
-  * Gradio: ``voters`` gradio_client users do the same through Gradio's queue (``/new_battle``, ``/vote``).
-  * Browser path: ``browser-voters`` gradio_client users behave like people in front of the page for
-    ``browser-seconds``: look at a battle for 2–5 s (``--think-s``), vote, and wait for the next battle. The time
-    measured is vote → next battle shown (``/vote`` then ``/new_battle``, including the download of both media
-    files, as a browser does); then the same voters once back to back (no think time). Battles come from the
-    arena's pre-sampled pool, so no generator runs on this path.
+  * Gradio: ``voters`` gradio_client users do the same through Gradio's API (``/new_battle``, ``/vote``); the
+    client library itself spends ~45 ms of CPU per call, which on a shared machine shows in the latency.
+  * Browser path: ``browser-voters`` people in front of the page for ``browser-seconds``: look at a battle for
+    2–5 s (``--think-s``), click a vote, and wait for the next battle. Each speaks the page's own protocol (what
+    Gradio's browser client sends, read from ``/config``): the click is one ``POST /gradio_api/run/…`` whose reply
+    reveals the battle and carries the next one, then both media are fetched. The time measured is click → both
+    media received; then the same voters once back to back (no think time). Battles come from the arena's
+    pre-sampled pool, so no generator runs on this path. (A real browser also paints; that is the reader's own
+    machine, not the server's.)
   * Store: the same number of threads calling ``VoteStore.record_vote`` directly (the SQLite part alone).
   * Ratings: Bradley–Terry MLE + ``rounds`` bootstrap refits on ``battles`` synthetic battles among ``models``.
 Rows lost = acknowledged votes missing from the database (must be 0); duplicates are counted too.
@@ -116,6 +119,17 @@ def _post(url: str, path: str, conn, body: dict, headers: dict | None = None):
     return r.status, data, server_ms
 
 
+def _stored_battles(db: Path) -> list[str]:
+    """The battle id of every stored vote (a page's vote carries no client vote id; one vote per battle)."""
+    from apps.store import VoteStore
+
+    store = VoteStore(db)
+    try:
+        return [r[0] for r in store.read("SELECT battle_id FROM votes")]
+    finally:
+        store.close()
+
+
 def _stored(db: Path) -> list[str]:
     from apps.store import VoteStore
 
@@ -176,28 +190,35 @@ class _Conn:
             waiter.set_result((time.perf_counter(), int(head[9:12]), head, body))
 
     def connection_lost(self, exc) -> None:
+        self.transport, self.buf = None, b""  # the next request reconnects, as a browser does after keep-alive ends
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError(f"server closed the connection ({exc})"))
 
     def eof_received(self):
         return None
 
-    async def post(self, path: str, payload: bytes, extra: bytes = b""):
-        """-> (seconds from write to complete reply, status, parsed JSON, server handler ms)."""
+    async def request(self, method: bytes, path: str, payload: bytes = b"", extra: bytes = b""):
+        """-> (seconds from write to complete reply, status, lower-cased head, body bytes)."""
         import asyncio
-        import json
 
         loop = asyncio.get_running_loop()
         if self.transport is None:
             await loop.create_connection(lambda: self, "127.0.0.1", self.port)
         self.waiter = loop.create_future()
         t0 = time.perf_counter()
-        self.transport.write(b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n%s\r\n%s"
-                             % (path.encode(), self.host, len(payload), extra, payload))
+        self.transport.write(b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n%s\r\n%s"
+                             % (method, path.encode(), self.host, len(payload), extra, payload))
         t1, status, head, body = await self.waiter
+        return t1 - t0, status, head, body
+
+    async def post(self, path: str, payload: bytes, extra: bytes = b""):
+        """-> (seconds from write to complete reply, status, parsed JSON, server handler ms)."""
+        import json
+
+        dt, status, head, body = await self.request(b"POST", path, payload, extra)
         at = head.find(b"app;dur=")
         server_ms = float(head[at + 8:].split(b"\r\n", 1)[0].split(b",", 1)[0]) if at >= 0 else float("nan")
-        return t1 - t0, status, json.loads(body or b"{}"), server_ms
+        return dt, status, json.loads(body or b"{}"), server_ms
 
     def close(self) -> None:
         if self.transport is not None:
@@ -312,47 +333,100 @@ def bench_http(voters: int, votes: int, tmp: Path) -> dict:
             "dupes": len(stored) - len(set(stored)), "errors": errors, "wall": wall}
 
 
-def bench_browser(voters: int, seconds: float, tmp: Path, think: tuple[float, float] = (2.0, 5.0)) -> dict:
-    """People at the page, through Gradio's queue: look (``think`` s), vote, see the next battle. Returns the
-    vote → next-battle latencies of the paced run and of a short back-to-back run, and what was stored."""
-    import random
+def _page_events(url: str) -> dict[str, tuple[int, str]]:
+    """What the arena page's client knows from ``/config``: elem_id -> (fn_index, endpoint) of each button's click
+    event (the vote buttons and *New round*)."""
+    import json
+    import urllib.request
 
-    from gradio_client import Client
+    with urllib.request.urlopen(url + "/config", timeout=60) as r:
+        config = json.loads(r.read())
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    return {elem[t[0]]: (d["id"], d["api_name"]) for d in config["dependencies"] for t in d.get("targets", [])
+            if t[1] == "click" and elem.get(t[0])}
+
+
+def bench_browser(voters: int, seconds: float, tmp: Path, think: tuple[float, float] = (2.0, 5.0)) -> dict:
+    """People at the page: each voter speaks the arena page's own protocol over one keep-alive connection (what
+    the browser's Gradio client sends: a vote button's click is ``POST /gradio_api/run/<event>`` with the button's
+    ``fn_index``; its reply carries the reveal and the next battle; then both media are fetched with ``GET``), looks
+    at each battle for ``think`` seconds, and clicks a vote. Timed: click → both media of the next battle received.
+    Voters are asyncio tasks of this process (one thread), so the client costs microseconds per request instead
+    of the ~45 ms of CPU a gradio_client call spends in Python; a paced run for ``seconds``, then back to back.
+    Returns the latencies, what was acked and stored, and CPU per round of both processes."""
+    import asyncio
+    import json
+    import random
+    import uuid
+    from urllib.parse import urlsplit
 
     server = _Server(tmp, "browser")
-    acked, lock = [], threading.Lock()
-    paced, b2b = [], []
-    try:
-        clients = [Client(server.url, verbose=False) for _ in range(voters)]
+    events = _page_events(server.url)
+    sides = ("left", "right", "tie", "bothbad")
+    acked, errors, out = [], [], {"paced": [], "b2b": []}
 
-        def session(k: int, until: float, pause: tuple[float, float], out: list, tag: str):
-            c, rng = clients[k], random.Random(k)
-            battle_id = c.predict(api_name="/new_battle")[3]
+    async def voter(k: int, go, until_box: dict, tag: str, pause: tuple[float, float]) -> None:
+        conn, rng, session = _Conn(server.port), random.Random(k), uuid.uuid4().hex[:11]
+        try:
+            _, status, head, _ = await conn.request(b"GET", "/")  # the page itself: the server signs a voter cookie
+            at = head.find(b"set-cookie: ")
+            cookie = b"Cookie: " + head[at + 12:].split(b";", 1)[0] + b"\r\n" if at >= 0 else b""
+
+            async def click(elem_id: str, data: list) -> tuple[float, list]:
+                fn, endpoint = events[elem_id]
+                body = json.dumps({"data": data, "fn_index": fn, "session_hash": session, "event_data": None,
+                                   "trigger_id": None}).encode()
+                dt, status, _, reply = await conn.request(b"POST", f"/gradio_api/run/{endpoint}", body, cookie)
+                if status != 200:
+                    raise RuntimeError(f"{elem_id}: HTTP {status} {reply[:200]!r}")
+                outs = json.loads(reply)["data"]
+                for medium in outs[1:3]:  # the browser fetches both media before the pair is shown
+                    dm, status, _, _ = await conn.request(b"GET", urlsplit(medium["url"]).path, b"", cookie)
+                    if status != 200:
+                        raise RuntimeError(f"medium: HTTP {status}")
+                    dt += dm
+                return dt, outs
+
+            _, outs = await click("new-round", [])
+            await go.wait()
             i = 0
-            while time.perf_counter() < until:
+            while time.perf_counter() < until_box["t"]:
                 if pause[1] > 0:
-                    time.sleep(rng.uniform(*pause))
-                t0 = time.perf_counter()
-                r = c.predict(("left", "right", "tie", "bothbad")[(k + i) % 4], battle_id, f"{tag}{k}-{i}",
-                              api_name="/vote")
-                battle_id = c.predict(api_name="/new_battle")[3]
-                dt = time.perf_counter() - t0
-                with lock:
-                    out.append(dt)
-                    acked.append(r["vote_id"])
-                i += 1
+                    await asyncio.sleep(rng.uniform(*pause))
+                side = sides[(k + i) % 4]
+                dt, nxt = await click(f"vote-{side}", [outs[3]])
+                if "you voted" not in str(nxt[4]):
+                    raise RuntimeError(f"vote not revealed: {nxt[4]!r}")
+                out[tag].append(dt)
+                acked.append(outs[3])
+                outs, i = nxt, i + 1
+        except Exception as exc:  # reported in the table
+            errors.append(repr(exc))
+        finally:
+            conn.close()
 
-        start = time.perf_counter()
-        errors, wall = _run_voters(voters, lambda k: session(k, start + seconds, think, paced, "p"))
-        start = time.perf_counter()
-        errors2, wall2 = _run_voters(voters, lambda k: session(k, start + min(10.0, seconds / 3), (0.0, 0.0), b2b,
-                                                               "b"))
+    async def run(tag: str, pause: tuple[float, float], length: float):
+        go, until = asyncio.Event(), {"t": float("inf")}
+        tasks = [asyncio.create_task(voter(k, go, until, tag, pause)) for k in range(voters)]
+        await asyncio.sleep(2.0)  # every voter has its page and first battle
+        t0, c0, s0 = time.perf_counter(), time.process_time(), _cpu_seconds(server.proc.pid)
+        until["t"] = t0 + length
+        go.set()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t0, time.process_time() - c0, _cpu_seconds(server.proc.pid) - s0
+
+    try:
+        wall, client_cpu, server_cpu = _run_async(run("paced", think, seconds))
+        b2b_len = min(10.0, seconds / 3)
+        wall2, client_cpu2, server_cpu2 = _run_async(run("b2b", (0.0, 0.0), b2b_len))
     finally:
         server.stop()
-    stored = _stored(server.db)
-    return {"paced": paced, "b2b": b2b, "acked": len(acked), "stored": len(stored),
-            "lost": len(set(acked) - set(stored)), "dupes": len(stored) - len(set(stored)),
-            "errors": errors + errors2, "wall": wall + wall2}
+    stored = _stored_battles(server.db)
+    rounds = max(len(out["paced"]) + len(out["b2b"]), 1)
+    return {"paced": out["paced"], "b2b": out["b2b"], "acked": len(acked), "stored": len(stored),
+            "lost": len(set(acked) - set(stored)), "dupes": len(stored) - len(set(stored)), "errors": errors,
+            "wall": wall + wall2, "server_cpu_ms": 1e3 * (server_cpu + server_cpu2) / rounds,
+            "client_cpu_ms": 1e3 * (client_cpu + client_cpu2) / rounds}
 
 
 def bench_store(voters: int, votes: int, tmp: Path) -> dict:
@@ -472,17 +546,17 @@ def main(argv=None) -> int:
                         f"{st['stored']} stored of {args.voters * n} |")
         if "rest" in parts:
             runs = [0.0] * args.repeats + [args.think_ms]
-            for think in runs:
+            for pause_ms in runs:
                 load_run = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-                rest = bench_rest(args.voters, n, tmp, think_ms=think)
-                if not think:
+                rest = bench_rest(args.voters, n, tmp, think_ms=pause_ms)
+                if not pause_ms:
                     sat_p99.append(_pct(rest["lat"], 99))
-                print(f"rest (think {think} ms, load {load_run:.1f}): vote p50 {_pct(rest['lat'], 50):.1f} ms p99 "
+                print(f"rest (think {pause_ms} ms, load {load_run:.1f}): vote p50 {_pct(rest['lat'], 50):.1f} ms p99 "
                       f"{_pct(rest['lat'], 99):.1f} ms, battle p99 {_pct(rest['battle_lat'], 99):.1f} ms, "
                       f"{rest['throughput']:.0f} req/s, CPU/request server {rest['server_cpu_us']:.0f} us client "
                       f"{rest['client_cpu_us']:.0f} us, lost {rest['lost']} errors {len(rest['errors'])}", flush=True)
-                pace = ("no pause (saturation)" if not think
-                        else f"a random pause of 0–{2 * think:.0f} ms before each request")
+                pace = ("no pause (saturation)" if not pause_ms
+                        else f"a random pause of 0–{2 * pause_ms:.0f} ms before each request")
                 rows += [f"| vote over HTTP, JSON API (`POST /api/v1/vote`, keep-alive, 127.0.0.1) | {args.voters} "
                          f"concurrent voters × {n} votes, {pace}; load {load_run:.1f} | "
                          f"{_pct(rest['lat'], 50):.1f} ms | "
@@ -503,7 +577,7 @@ def main(argv=None) -> int:
             http = bench_http(args.voters, args.votes, tmp)
             print(f"gradio: p50 {_pct(http['lat'], 50):.1f} ms p99 {_pct(http['lat'], 99):.1f} ms lost {http['lost']} "
                   f"errors {len(http['errors'])}", flush=True)
-            rows.append(f"| vote over HTTP, Gradio (gradio_client → `/vote`, through the queue) | {args.voters} "
+            rows.append(f"| vote over HTTP, Gradio API (gradio_client → `/vote`) | {args.voters} "
                         f"concurrent voters × {args.votes} votes, no pause | {_pct(http['lat'], 50):.1f} ms | "
                         f"{_pct(http['lat'], 99):.1f} ms | {http['acked']} acked, {http['stored']} stored, "
                         f"**{http['lost']} lost**, {http['dupes']} duplicated, {len(http['errors'])} client errors; "
@@ -516,12 +590,14 @@ def main(argv=None) -> int:
                   f"({len(br['paced'])} votes); back to back p50 {_pct(br['b2b'], 50):.1f} ms p99 "
                   f"{_pct(br['b2b'], 99):.1f} ms ({len(br['b2b'])}); lost {br['lost']} dupes {br['dupes']} "
                   f"errors {len(br['errors'])}", flush=True)
-            rows += [f"| vote → next battle shown, browser path (gradio_client `/vote` + `/new_battle` with both "
-                     f"media downloaded; battles from the pool) | {args.browser_voters} voters for "
-                     f"{args.browser_seconds:g} s, looking {think[0]:g}–{think[1]:g} s at each battle | "
+            rows += [f"| vote → next battle shown, browser path (the page's protocol: a vote button's "
+                     f"`POST /gradio_api/run/…` returns the reveal and the next battle, then both media `GET`; "
+                     f"battles from the pool) | {args.browser_voters} voters for {args.browser_seconds:g} s, "
+                     f"looking {think[0]:g}–{think[1]:g} s at each battle | "
                      f"{_pct(br['paced'], 50):.1f} ms | {_pct(br['paced'], 99):.1f} ms | {len(br['paced'])} votes; "
                      f"{br['acked']} acked in all, {br['stored']} stored, **{br['lost']} lost**, {br['dupes']} "
-                     f"duplicated, {len(br['errors'])} client errors |",
+                     f"duplicated, {len(br['errors'])} client errors; CPU per round: server "
+                     f"{br['server_cpu_ms']:.1f} ms, client {br['client_cpu_ms']:.2f} ms |",
                      f"| … the same voters back to back (no think time) | {args.browser_voters} voters for "
                      f"{min(10.0, args.browser_seconds / 3):g} s | {_pct(br['b2b'], 50):.1f} ms | "
                      f"{_pct(br['b2b'], 99):.1f} ms | {len(br['b2b'])} votes |"]
@@ -536,7 +612,8 @@ def main(argv=None) -> int:
         f"{platform.python_version()}, shared with other jobs: 1-min load average {load0[0]:.1f} at the start, "
         f"{load[0]:.1f} at the end. The arena server runs in its own process (open mode, limits raised); JSON-API "
         "voters are asyncio tasks of the benchmark process, Gradio voters its threads, each voter with its own "
-        "session; each vote follows a battle request. Goals: "
+        "session; each vote follows a battle request; browser-path voters are asyncio tasks speaking the page's "
+        "protocol. Goals: "
         "vote p99 < 50 ms, ratings < 5 s, 0 lost; browser path vote → next battle p99 < 300 ms paced, < 1 s back "
         "to back.",
         "",

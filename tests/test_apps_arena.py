@@ -201,3 +201,48 @@ def test_vote_exports_are_handed_to_admins_and_never_served_from_the_exports_fol
         for path in (kept, kept.parent):
             assert ann.get(f"/gradio_api/file={path}").status_code == 403
     assert httpx.get(url.rstrip("/") + f"/gradio_api/file={kept}", timeout=10).status_code in (401, 403)
+
+
+def _page(url: str):
+    """A page's client in miniature: its voter cookie, and ``click(elem_id, data)`` posting a button's event the
+    way Gradio's browser client does (``/gradio_api/run/…`` with the event's ``fn_index``)."""
+    import json
+    import urllib.request
+
+    url = url.rstrip("/")
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    opener.open(url + "/").read()
+    config = json.loads(opener.open(url + "/config").read())
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    events = {elem[t[0]]: d for d in config["dependencies"] for t in d["targets"] if elem.get(t[0])}
+
+    def click(elem_id: str, data: list):
+        dep = events[elem_id]
+        assert dep["queue"] is False  # votes and battles skip the queue: one request each
+        body = json.dumps({"data": data, "fn_index": dep["id"], "session_hash": "s1"}).encode()
+        req = urllib.request.Request(f"{url}/gradio_api/run/{dep['api_name']}", body,
+                                     {"Content-Type": "application/json"})
+        return json.loads(opener.open(req).read())["data"]
+
+    return click
+
+
+def test_a_vote_click_reveals_and_brings_the_next_battle_and_a_refused_battle_keeps_the_vote(tmp_path):
+    """One request per click: the vote is stored, the battle revealed, the next one issued. When the next battle is
+    refused (here the per-judge battle limit), the vote still stands and the buttons wait."""
+    cfg = _cfg(tmp_path, open_mode=True, votes_per_minute=100, battles_per_minute=2)
+    demo, arena = serve(cfg, block=False)
+    with running(demo) as url:
+        click = _page(url)
+        first = click("new-round", [])
+        nxt = click("vote-left", [first[3]])
+        battle = arena.store.battle(first[3])
+        assert f"A** was **{battle.left[0]}**" in nxt[4] and "you voted A" in nxt[4]
+        assert nxt[3] != first[3] and arena.store.battle(nxt[3]).revealed_at is None  # a fresh, unrevealed battle
+        assert not any(m in " ".join(map(str, nxt[:4])) for m in MODELS)  # the new battle names no model
+        assert [b["interactive"] for b in nxt[5:]] == [True] * 4
+        last = click("vote-tie", [nxt[3]])  # the judge's third battle in a minute: refused
+        assert "you voted a tie" in last[4] and "No next pair yet" in last[4] and "too many new rounds" in last[4]
+        assert last[3] == "" and [b["interactive"] for b in last[5:]] == [False] * 4
+        assert [r["side"] for r in arena.store.read("SELECT side FROM votes ORDER BY created_at")] == ["left", "tie"]
+        assert arena.store.read("SELECT COUNT(*) AS n FROM battles")[0]["n"] == 2

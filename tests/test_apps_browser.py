@@ -28,9 +28,13 @@ def test_click_vote_and_leaderboard_updates(tmp_path, chromium):
         page.get_by_role("tab", name="Leaderboard").click()
         expect(page.get_by_text("0 rated votes")).to_be_visible(timeout=30_000)
         page.get_by_role("tab", name="Arena").click()
+        posts = []  # what the click sends: one plain POST (no queue join, no event stream)
+        page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
         vote_a.click()
         expect(page.get_by_text("you voted A")).to_be_visible(timeout=30_000)
-        expect(vote_a).to_be_disabled()
+        expect(vote_a).to_be_enabled()  # the next pair came back with the reveal
+        assert len(posts) == 1 and "/gradio_api/run/" in posts[0], posts
+        assert arena.store.read("SELECT COUNT(*) AS n FROM battles")[0]["n"] == 2
         battle = arena.store.read("SELECT b.model_a, b.model_b, b.left_is_a FROM battles b JOIN votes v "
                                   "ON v.battle_id = b.battle_id")[0]
         winner = battle["model_a"] if battle["left_is_a"] else battle["model_b"]
@@ -88,18 +92,19 @@ def test_media_are_shown_at_a_readable_size_and_keys_vote(tmp_path, chromium):
         labels = [page.locator(f"#vote-{s}").inner_text().strip() for s in ("left", "right", "tie", "bothbad")]
         assert labels == ["A is better", "B is better", "Tie", "Both are bad"]
         assert all(ch.isascii() for label in labels for ch in label)
-        first = page.locator(".diffalign-media img").first.get_attribute("src")
         page.keyboard.press("b")
         expect(page.get_by_text("you voted B")).to_be_visible(timeout=30_000)
-        expect(vote_b).to_be_disabled()
+        expect(vote_b).to_be_enabled()  # the vote brought the next pair
         assert arena.store.count_votes() == 1
         assert arena.store.read("SELECT side FROM votes")[0]["side"] == "right"
-        page.keyboard.press("n")
-        expect(vote_b).to_be_enabled(timeout=30_000)
+        issued = lambda: arena.store.read("SELECT COUNT(*) AS n FROM battles")[0]["n"]  # noqa: E731
+        assert issued() == 2
+        page.keyboard.press("n")  # skip this pair: a fresh one, no vote
+        expect(page.get_by_text("you voted B")).to_have_count(0, timeout=30_000)  # the skip cleared the line
+        assert issued() == 3 and arena.store.count_votes() == 1
         page.keyboard.press("t")
         expect(page.get_by_text("you voted a tie")).to_be_visible(timeout=30_000)
         assert [r["side"] for r in arena.store.read("SELECT side FROM votes ORDER BY created_at")] == ["right", "tie"]
-        assert first
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000 and not errors
