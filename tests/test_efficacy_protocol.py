@@ -150,6 +150,21 @@ def test_grid_errors_name_the_problem():
         load_recipe("configs/quickstart.yaml", ["grid={method.beta: []}"])
 
 
+def test_a_grid_written_as_points_moves_settings_together():
+    """Group size and prompts per step change together (equal samples per step): the points come as written."""
+    grid = ("grid=[{train.learning_rate: 0.001}, {train.learning_rate: 0.0003, method.samples_per_prompt: 16, "
+            "train.train_batch_size: 1}]")
+    points = grid_points(load_recipe("configs/flow_grpo.yaml", [grid]))
+    assert points == [{"train.learning_rate": 0.001},
+                      {"train.learning_rate": 0.0003, "method.samples_per_prompt": 16, "train.train_batch_size": 1}]
+    with pytest.raises(ConfigError, match="grid.method.group: no such recipe key"):
+        grid_points(load_recipe("configs/flow_grpo.yaml", ["grid=[{method.group: 8}]"]))
+    with pytest.raises(ValueError, match="grid: a list of points must hold non-empty"):
+        load_recipe("configs/flow_grpo.yaml", ["grid=[{}]"])
+    with pytest.raises(ValueError, match="grid: 7 points"):
+        load_recipe("configs/flow_grpo.yaml", ["grid=[" + ", ".join(["{seed: 1}"] * 7) + "]"])
+
+
 # --- the labelled grid -----------------------------------------------------------------------------------------------
 def test_labelled_grid_enlarges_tiny_images_sharply_and_marks_each_block():
     base = torch.zeros(2, 3, 3, 4, 4)

@@ -416,20 +416,26 @@ class Recipe:
     eval: EvalConfig | None = None
     seed: int = 0
     #: the small hyper-parameter grid the efficacy protocol searches for this recipe: dotted key -> values (their
-    #: product at most MAX_GRID_POINTS points); the best point by *validation* reward is the one reported.
-    #: ``diffalign train`` ignores it and trains the values written above.
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    #: product), or a list of points ({dotted key: value} each) when settings move together (e.g. group size and
+    #: prompts per step at an equal sample budget); at most MAX_GRID_POINTS points. The best point by *validation*
+    #: reward is the one reported. ``diffalign train`` ignores it and trains the values written above.
+    grid: dict[str, list[Any]] | list[dict[str, Any]] = field(default_factory=dict)
     #: modules (my_pkg.my_rewards) or .py files imported before the run, so the rewards they register
     #: (``@register_reward``) can be named in this recipe
     plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self._check_rewards()
-        n = 1
-        for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"grid.{key}: give a non-empty list of values")
-            n *= len(values)
+        if isinstance(self.grid, list):
+            if not self.grid or any(not isinstance(p, dict) or not p for p in self.grid):
+                raise ValueError("grid: a list of points must hold non-empty {dotted key: value} mappings")
+            n = len(self.grid)
+        else:
+            n = 1
+            for key, values in self.grid.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"grid.{key}: give a non-empty list of values")
+                n *= len(values)
         if n > MAX_GRID_POINTS:
             raise ValueError(f"grid: {n} points; the efficacy protocol allows at most {MAX_GRID_POINTS} per recipe")
         if self.model.dtype != "fp32" and self.model.lora_rank == 0 and self.train.mixed_precision == "no":

@@ -28,17 +28,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def grid_points(recipe: Recipe) -> list[dict[str, Any]]:
-    """Every point of the recipe's ``grid`` as {dotted key: value}, in declaration order; ``[{}]`` without a grid.
-    A key that names no field of the recipe is an error naming it."""
+    """Every point of the recipe's ``grid`` as {dotted key: value}, in declaration order (the product of a
+    key -> values grid, or a list of points as written); ``[{}]`` without a grid. A key that names no field of the
+    recipe is an error naming it."""
     resolved = to_dict(recipe)
-    for key in recipe.grid:
+    if isinstance(recipe.grid, list):
+        points = [dict(p) for p in recipe.grid]
+    else:
+        keys = list(recipe.grid)
+        points = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.grid[k] for k in keys))]
+    for key in dict.fromkeys(k for p in points for k in p):
         node: Any = resolved
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"grid.{key}: no such recipe key")
             node = node[part]
-    keys = list(recipe.grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.grid[k] for k in keys))]
+    return points
 
 
 def point_overrides(point: dict[str, Any]) -> list[str]:
