@@ -29,11 +29,16 @@ class ModelConfig:
     #: auto = every attention module through diffalign.attention (measured kernel choice on CUDA, fused QKV where
     #: no LoRA wraps the projections); off = diffusers' own processors; or a backend name to force (sdpa, cudnn, …)
     attention: str = "auto"
+    #: encoded prompts kept between steps, in megabytes (0: encode every call). The text encoders are frozen, so a
+    #: cached prompt is a fresh encode up to float rounding; one SD1.5 prompt is 0.24 MB, one SD3 prompt with T5 ~5 MB
+    text_cache_mb: float = 256.0
 
     def __post_init__(self):
         from diffalign.attention import check_attention_option
 
         check_attention_option(self.attention, "model.attention")
+        if self.text_cache_mb < 0:
+            raise ValueError(f"model.text_cache_mb must be >= 0, got {self.text_cache_mb}")
 
 
 @dataclass

@@ -95,6 +95,8 @@ def load_policy(recipe: Recipe, device: str = "cpu") -> Generator:
                          skip_cast=("denoiser",) if full else ())
     if full:
         gen.denoiser.float()  # a full fine-tune trains the denoiser's own weights: they stay fp32
+    if recipe.model.text_cache_mb:
+        gen.cache_prompts(recipe.model.text_cache_mb)
     return gen
 
 
@@ -151,6 +153,11 @@ def run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
         write_attention_log(out, attention, recipe.model.attention)
         print(summary_line(attention, recipe.model.attention))
     summary: dict = {"global_step": result.global_step, "final_metrics": result.metrics}
+    cache = getattr(getattr(gen, "conditioner", None), "prompt_cache", None)
+    if cache is not None:
+        summary["text_cache"] = cache.stats()
+        print("prompt cache: {hits} hits, {misses} encodes, {prompts} prompts in {mb:.1f} MB".format(**cache.stats())
+              + (" (bypassed: this encoder's rows follow the batch)" if cache.bypassed else ""))
     if result.stopped:  # the LoRA and the evaluation below are of the weights the objective judged
         summary["stopped"] = result.stopped
     if trainer.accelerator.is_main_process:

@@ -76,6 +76,10 @@ class Conditioning:
     def select(self, index) -> "Conditioning":
         return self._map(lambda x: x[index])
 
+    def clone(self) -> "Conditioning":
+        """Tensors of its own (a selected row otherwise keeps its whole batch's storage alive)."""
+        return self._map(lambda x: x.clone())
+
     def to(self, *args, **kwargs) -> "Conditioning":
         return self._map(lambda x: x.to(*args, **kwargs))
 
@@ -185,6 +189,15 @@ class Generator(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encode(self, prompts: Sequence[str]) -> Conditioning:
         """Encode prompts (no grad: text encoders are frozen)."""
+
+    def cache_prompts(self, max_mb: float) -> None:
+        """Keep encoded prompts between calls, up to ``max_mb`` megabytes (0: encode every time);
+        ``diffalign.generators.prompt_cache``. The encoders are frozen, so a cached row is a fresh encode up to the
+        float rounding a different batch size already causes."""
+        conditioner = getattr(self, "conditioner", None)
+        if conditioner is None:
+            raise ValueError(f"{type(self).__name__} has no prompt encoder to cache")
+        conditioner.cache_prompts(max_mb)
 
     def null_conditioning(self, batch: int) -> Conditioning:
         """The unconditional branch of classifier-free guidance (the empty prompt)."""

@@ -41,7 +41,7 @@ class FlowGenerator(Generator):
         self.logit_mean, self.logit_std = logit_mean, logit_std
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.conditioner(list(prompts)).to(self.device)
+        return self.conditioner.encode(prompts).to(self.device)
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         cfg = self.denoiser.config

@@ -75,7 +75,7 @@ class ShapEGenerator(UNetGenerator):
         set_ddpm_buffers(self, HeunDiscreteScheduler.from_config(scheduler.config).alphas_cumprod)
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.conditioner(list(prompts)).to(self.device)
+        return self.conditioner.encode(prompts).to(self.device)
 
     def null_conditioning(self, batch: int) -> Conditioning:
         cond = self.encode([""] * batch)

@@ -14,13 +14,27 @@ import torch
 from torch import nn
 
 from diffalign.generators.base import Conditioning
+from diffalign.generators.prompt_cache import PromptCache
 
 
 class TextConditioner(nn.Module, abc.ABC):
-    """Base: frozen, no grad, returns a Conditioning on the encoder's device."""
+    """Base: frozen, no grad, returns a Conditioning on the encoder's device. Generators call ``encode``, which
+    goes through the prompt cache when ``cache_prompts`` set one."""
 
     #: pipeline-folder component names held as attributes of the same name (saved by ``save_pretrained``).
     components: tuple[str, ...] = ()
+    #: encoded prompts kept between calls; None: every call encodes
+    prompt_cache: PromptCache | None = None
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """``self(prompts)``, through the prompt cache when there is one."""
+        return self(list(prompts)) if self.prompt_cache is None else self.prompt_cache(prompts, self)
+
+    def cache_prompts(self, max_mb: float) -> None:
+        """Keep up to ``max_mb`` megabytes of encoded prompts (0: none)."""
+        if max_mb < 0:
+            raise ValueError(f"cache_prompts: max_mb must be >= 0, got {max_mb}")
+        self.prompt_cache = PromptCache(int(max_mb * 2 ** 20)) if max_mb > 0 else None
 
     @abc.abstractmethod
     def forward(self, prompts: Sequence[str]) -> Conditioning:

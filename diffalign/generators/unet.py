@@ -45,7 +45,7 @@ class UNetGenerator(Generator):
 
     # --- conditioning ---------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.conditioner(list(prompts)).to(self.device)
+        return self.conditioner.encode(prompts).to(self.device)
 
     # --- forward process ----------------------------------------------------------------------------------------
     def latent_shape(self, batch: int) -> tuple[int, ...]:
