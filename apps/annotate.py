@@ -375,16 +375,18 @@ def build_annotate_ui(app: Annotation):
 
         outs = [progress, prompt_md, left, right, task_box] + radios + [both_bad]
         demo.load(None, None, None, js=page_js({}), api_visibility="private")  # the media style sheet
-        demo.load(task, None, outs, api_visibility="private")
+        # tasks and answers skip Gradio's queue, as the arena's votes do: one plain request each (apps.arena)
+        fast = dict(queue=False)
+        demo.load(task, None, outs, api_visibility="private", **fast)
 
         def ui_submit(data: dict, request: gr.Request):
             answers = {c: data[r] for c, r in zip(crits, radios)}
             submit(data[task_box], answers, data[both_bad], "", request)
             return task(request)
 
-        send.click(ui_submit, {task_box, both_bad, *radios}, outs, api_visibility="private")
-        reload_btn.click(task, None, outs, api_name="next_task")
-        gr.api(submit, api_name="submit")
+        send.click(ui_submit, {task_box, both_bad, *radios}, outs, api_visibility="private", **fast)
+        reload_btn.click(task, None, outs, api_name="next_task", **fast)
+        gr.api(submit, api_name="submit", **fast)
         refresh.click(stats, None, [agree, people], api_name="stats")
     return demo
 
@@ -399,7 +401,7 @@ def serve(cfg: AnnotateConfig, *, block: bool = True, port: int | None = None):
     app = Annotation(cfg)
     demo = build_annotate_ui(app)
     launch(demo, cfg.server, keys=SessionKeys.beside(app.store.path), limits=cfg.limits,
-           uploads=bool(cfg.server.admins), allowed_paths=[app.store.media_dir], block=block, port=port)
+           uploads=bool(cfg.server.admins), static_paths=[app.store.media_dir], block=block, port=port)
     return demo, app
 
 
