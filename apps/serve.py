@@ -33,7 +33,8 @@ class ServerConfig:
     #: (the one that proxy appended; ``apps.auth.client_ip``). Earlier entries and CF-Connecting-IP are never
     #: believed: the client can write them itself
     trust_proxy_headers: bool = False
-    #: handlers running at once per event (SQLite still serialises the writes themselves)
+    #: handlers running at once per queued event (the arena's votes and battles skip the queue and run on the
+    #: server's thread pool; SQLite still serialises the writes themselves)
     concurrency: int = 16
 
     def __post_init__(self) -> None:

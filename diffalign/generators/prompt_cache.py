@@ -1,8 +1,8 @@
 """Encoded prompts kept between calls, because the text encoders never change during a run.
 
 Every generator's text encoders are frozen, so a prompt encodes to the same tensors each time. A training run still
-re-encodes on every step: each pair's prompt, and the empty prompt of classifier-free guidance in every batch and
-every sampling step; an online method encodes the same training prompts again each round. With SD3 or Flux that
+re-encodes on every step: each pair's prompt, and the empty prompt of classifier-free guidance in every sampling
+call; an online method encodes the same training prompts again each round. With SD3 or Flux that
 is a T5-XXL forward per step. ``PromptCache`` keeps one encoded row per prompt, least recently used first out,
 within a memory bound, and assembles a batch from rows (one ``torch.cat`` per tensor).
 
@@ -35,7 +35,7 @@ def _nbytes(row: Conditioning) -> int:
 
 class PromptCache:
     """Prompt -> its encoded row, at most ``max_bytes`` of tensors (least recently used dropped first).
-    Thread-safe: the arena's battle pool and a request thread may encode at once."""
+    Thread-safe: one generator may be sampled from several threads (the arena's battle pool and a request thread)."""
 
     def __init__(self, max_bytes: int):
         if max_bytes <= 0:
