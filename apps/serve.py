@@ -176,7 +176,8 @@ def launch(demo: Any, server: ServerConfig, *, keys: SessionKeys | None = None, 
     demo.launch(server_name=server.host, server_port=port or server.port, prevent_thread_lock=True,
                 quiet=not block, auth=PasswordCheck(server.users) if login else None,
                 auth_message="Sign in to vote" if login else None,
-                allowed_paths=[str(p) for p in [*allowed_paths, *static_paths]], footer_links=["api"], max_file_size="50mb",
+                allowed_paths=[str(p) for p in [*allowed_paths, *static_paths]], footer_links=["api"],
+                max_file_size="50mb",
                 show_error=True, app_kwargs={"lifespan": lifespan}, num_workers=0)
     if not installed:  # uvicorn logs a failed lifespan start-up and serves anyway; refuse to run half-guarded
         demo.close()

@@ -66,10 +66,13 @@ def main(argv=None) -> int:
         write_json(run_dir / "validation.json", scored)
     v = scored["validation"]
     lo, hi = v["gain_ci"]
-    line = (f"| {args.world} | {method.label} | {', '.join(args.sets) or 'recipe as written'} | "
+    # a budget other than the table's is part of the change, and of the command that reproduces it
+    steps = "" if args.steps == 200 else f" --steps {args.steps}"
+    change = ", ".join([*args.sets, *([f"{args.steps} optimizer steps"] if steps else [])]) or "recipe as written"
+    line = (f"| {args.world} | {method.label} | {change} | "
             f"{v['reward_base']:.3f} → {v['reward_tuned']:.3f} | {v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
             f"{v['win_rate']:.3f} | {v['drift']:.3f} | `python benchmarks/efficacy_ablation.py --world {args.world} "
-            f"--method {args.method}{''.join(' --set ' + s for s in args.sets)}` |")
+            f"--method {args.method}{steps}{''.join(' --set ' + s for s in args.sets)}` |")
     print(line)
     out = Path(args.out)
     if not out.is_file():

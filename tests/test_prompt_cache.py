@@ -24,7 +24,8 @@ class Counting:
         length = max(len(p) for p in prompts) if self.pad_to_longest else 3
         hidden = torch.stack([torch.full((length, 4), float(sum(map(ord, p)) % 97)) for p in prompts])
         hidden = hidden + torch.arange(length).view(1, -1, 1)
-        return Conditioning(hidden=hidden, pooled=hidden.mean(1), extra={"ids": torch.tensor([[len(p)] for p in prompts])})
+        ids = torch.tensor([[len(p)] for p in prompts])
+        return Conditioning(hidden=hidden, pooled=hidden.mean(1), extra={"ids": ids})
 
 
 def _equal(a: Conditioning, b: Conditioning) -> bool:
