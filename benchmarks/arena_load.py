@@ -119,23 +119,14 @@ def _post(url: str, path: str, conn, body: dict, headers: dict | None = None):
     return r.status, data, server_ms
 
 
-def _stored_battles(db: Path) -> list[str]:
-    """The battle id of every stored vote (a page's vote carries no client vote id; one vote per battle)."""
+def _stored(db: Path, column: str = "vote_id") -> list[str]:
+    """``column`` of every stored vote: its vote id, or its battle id (a page's vote carries no client vote id;
+    one vote per battle)."""
     from apps.store import VoteStore
 
     store = VoteStore(db)
     try:
-        return [r[0] for r in store.read("SELECT battle_id FROM votes")]
-    finally:
-        store.close()
-
-
-def _stored(db: Path) -> list[str]:
-    from apps.store import VoteStore
-
-    store = VoteStore(db)
-    try:
-        return [r[0] for r in store.read("SELECT vote_id FROM votes")]
+        return [r[0] for r in store.read(f"SELECT {column} FROM votes")]
     finally:
         store.close()
 
@@ -421,7 +412,7 @@ def bench_browser(voters: int, seconds: float, tmp: Path, think: tuple[float, fl
         wall2, client_cpu2, server_cpu2 = _run_async(run("b2b", (0.0, 0.0), b2b_len))
     finally:
         server.stop()
-    stored = _stored_battles(server.db)
+    stored = _stored(server.db, "battle_id")
     rounds = max(len(out["paced"]) + len(out["b2b"]), 1)
     return {"paced": out["paced"], "b2b": out["b2b"], "acked": len(acked), "stored": len(stored),
             "lost": len(set(acked) - set(stored)), "dupes": len(stored) - len(set(stored)), "errors": errors,
