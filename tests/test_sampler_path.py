@@ -101,3 +101,34 @@ def test_pair_noise_winner_gives_the_loser_its_winners_noise(gen_and_pairs, inve
         name="inpo", inversion=inversion, inversion_steps=4), SamplerPaths())
     torch.testing.assert_close(own[0][:b], xt[:b])  # winners are untouched
     assert not torch.allclose(own[0][b:], xt[b:])  # losers now carry the winners' noise
+
+
+def test_forward_inversion_is_diffusion_dpos_shared_fresh_noise(gen_and_pairs):
+    """``inversion: forward`` (the papers' ablation baseline) feeds InPO/SmPO exactly Diffusion-DPO's inputs, for
+    either pair_noise, and reports nothing inverted."""
+    from trainers.dpo import noisy_pair_inputs
+    from trainers.inpo import pair_inputs
+
+    gen, _, pairs = gen_and_pairs
+    batch = collate_pairs(pairs)
+    dpo = noisy_pair_inputs(gen, batch, torch.Generator().manual_seed(5))
+    for pair_noise in ("own", "winner"):
+        cfg = InPOConfig(name="inpo", inversion="forward", pair_noise=pair_noise)
+        xt, t, cond, target, inverted = pair_inputs(gen, batch, torch.Generator().manual_seed(5), cfg, SamplerPaths())
+        torch.testing.assert_close(xt, dpo[0])
+        torch.testing.assert_close(t, dpo[1])
+        torch.testing.assert_close(target, dpo[3])
+        assert not inverted.any()
+        b = len(pairs)
+        eps = reparametrised_noise(gen, gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]])), xt, t)
+        torch.testing.assert_close(eps[b:], eps[:b], atol=1e-4, rtol=1e-4)  # one ε per pair
+
+
+def test_an_unknown_inversion_is_an_error_naming_it():
+    from diffalign.config import ConfigError, load_config
+    from trainers.config import Recipe
+
+    recipe = {"method": {"name": "smpo", "inversion": "renoise"}, "model": {"path": "toy:shapes-unet"},
+              "output_dir": "runs/x", "data": {"prompts": "toy-train"}}
+    with pytest.raises(ConfigError, match="method.inversion: must be one of 'ddim', 'sampler_path', 'forward'"):
+        load_config(Recipe, recipe)

@@ -202,8 +202,10 @@ class InversionSettings:
     inversion_steps: int = 10
     inversion_eta: float = 0.0
     #: "ddim": approximate inversion of each image (the papers'); "sampler_path": the base's own sampling path of
-    #: each image, exact for data synthesised with noise seeds (trainers/sampler_path.py says why)
-    inversion: Literal["ddim", "sampler_path"] = "ddim"
+    #: each image, exact for data synthesised with noise seeds (trainers/sampler_path.py says why); "forward": no
+    #: inversion, Diffusion-DPO's fresh forward noise shared by the pair (the papers' ablation baseline, which
+    #: isolates what the inversion itself contributes)
+    inversion: Literal["ddim", "sampler_path", "forward"] = "ddim"
     #: "own": each image keeps its own inverted noise ε̃ (the papers'); "winner": the loser is noised with the
     #: winner's ε̃ too, so the pair differs only in content as in Diffusion-DPO's shared ε — the toy world's DPO
     #: loses its gain without that sharing (benchmarks/results/efficacy_ablations.md)

@@ -104,6 +104,11 @@ def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg
                 renoise_iters: int = 0):
     """x̃_t, t, cond, target and the inverted mask by the method's ``inversion`` and ``pair_noise`` settings
     (InPO and SmPO)."""
+    if cfg.inversion == "forward":  # nothing inverted: the pair already shares one fresh ε, whatever pair_noise says
+        from trainers.dpo import noisy_pair_inputs
+
+        xt, t, cond, target = noisy_pair_inputs(gen, batch, rng)
+        return xt, t, cond, target, torch.zeros(xt.shape[0], dtype=torch.bool)
     if cfg.inversion == "sampler_path":
         from trainers.sampler_path import sampler_path_pair_inputs
 
