@@ -145,7 +145,8 @@ def test_inversion_reparametrisation_reproduces_the_inverted_latent(family, toy,
     g = torch.Generator().manual_seed(0)
     batch = {"prompt": ["a red circle", "a blue square", "a green triangle"], "chosen": torch.rand(3, 3, 8, 8),
              "rejected": torch.rand(3, 3, 8, 8)}
-    xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, g, inversion_steps=4, renoise_iters=1)
+    xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, g, inversion_steps=4, renoise_iters=1,
+                                                         at_grid_point=True)
     x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
     eps = reparametrised_noise(gen, x0, xt, t)
     torch.testing.assert_close(gen.add_noise(x0, eps, t), xt, atol=1e-4, rtol=1e-4)
@@ -155,6 +156,29 @@ def test_inversion_reparametrisation_reproduces_the_inverted_latent(family, toy,
 
     grid = inversion_grid(gen, 4)  # an inverted latent sits at a grid point, and t must say which
     assert inverted.any() and all(any(abs(float(v) - g) < 1e-6 for g in grid) for v in t[inverted])
+
+
+@pytest.mark.parametrize("family", ["unet", "flow"])
+def test_sampled_timestep_keeps_t_and_the_same_inverted_latent(family, toy, toy_flow):
+    """``inverted_timestep: sampled`` (the official code): the same x̃ as at the grid point, trained at the pair's
+    own sampled t, with ε̃ reparametrised there so add_noise(x0, ε̃, t) is still x̃."""
+    from trainers.inpo import inverted_pair_inputs, reparametrised_noise
+
+    gen = lora_gen(toy if family == "unet" else toy_flow)
+    batch = {"prompt": ["a red circle", "a blue square", "a green triangle"], "chosen": torch.rand(3, 3, 8, 8),
+             "rejected": torch.rand(3, 3, 8, 8)}
+    at_grid = inverted_pair_inputs(gen, batch, torch.Generator().manual_seed(0), inversion_steps=4,
+                                   at_grid_point=True)
+    xt, t, cond, target, inverted = inverted_pair_inputs(gen, batch, torch.Generator().manual_seed(0),
+                                                         inversion_steps=4)
+    drawn = gen.sample_timesteps(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t, torch.cat([drawn, drawn]).to(t.dtype))  # every row keeps its drawn t
+    torch.testing.assert_close(xt, at_grid[0])  # the inversion itself is unchanged
+    assert inverted.any() and not torch.equal(t[inverted], at_grid[1][inverted])
+    x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
+    eps = reparametrised_noise(gen, x0, xt, t)
+    torch.testing.assert_close(gen.add_noise(x0, eps, t), xt, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(target, gen.target(x0, eps, t), atol=1e-4, rtol=1e-4)
 
 
 def test_prdp_policy_log_density_of_stored_transitions_matches_the_sampler(toy):

@@ -34,7 +34,8 @@ def reparametrised_noise(gen: Generator, x0: torch.Tensor, xt: torch.Tensor, t: 
 
 
 def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, inversion_steps: int,
-                         renoise_iters: int = 0, eta: float = 0.0, return_x0: bool = False):
+                         renoise_iters: int = 0, eta: float = 0.0, return_x0: bool = False,
+                         at_grid_point: bool = False):
     """Like ``noisy_pair_inputs`` but x̃_t comes from inverting each image with the current model (no grad).
     ``return_x0`` appends the encoded [winners; losers] x0, so a caller needing it does not encode them again.
 
@@ -42,6 +43,8 @@ def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Gener
     ``invert`` call instead of one per pair (InPO's code assumes one pair per GPU for this reason). Pairs whose
     t lies below the first grid point have nothing to invert; for them we fall back to Diffusion-DPO's fresh
     forward noise rather than use x̃ = x0 (the paper is silent; x̃ = x0 would make ε̃ a rescaled image).
+    Each pair keeps its sampled t for its inverted x̃, as the official code does; ``at_grid_point`` trains x̃ at the
+    grid point it was inverted to instead (``InversionSettings.inverted_timestep``).
     """
     x0 = gen.encode_media(torch.cat([batch["chosen"], batch["rejected"]]))
     b = batch["chosen"].shape[0]
@@ -59,9 +62,10 @@ def inverted_pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Gener
         until = grid[level - 1]
         xt[sel] = gen.invert(x0[sel], cond.select(sel), inversion_steps, until=until,
                              renoise_iters=renoise_iters, eta=eta, generator=rng).to(xt.dtype)
-        # x̃ lies at the grid point, not at the sampled t (up to one grid spacing above it): the model must be
-        # told that timestep, or ε̃ carries a spurious x0 component and the input is less noisy than claimed.
-        t2[sel] = torch.as_tensor(until, dtype=t2.dtype, device=t2.device)
+        # x̃ lies at the grid point, not at the sampled t (up to one grid spacing above it): told that timestep,
+        # the model sees the noise level x̃ has; kept at t (the official code), ε̃ takes up an x0 component instead.
+        if at_grid_point:
+            t2[sel] = torch.as_tensor(until, dtype=t2.dtype, device=t2.device)
         inverted[idx] = True
     return replaced_inputs(gen, x0, xt, t2, cond, noise2, inverted, return_x0)
 
@@ -116,7 +120,8 @@ def pair_inputs(gen: Generator, batch: dict[str, Any], rng: torch.Generator, cfg
     else:  # x0 comes back with the inputs: the media are encoded (a VAE pass) once per step
         xt, t, cond, target, inverted, x0 = inverted_pair_inputs(gen, batch, rng, cfg.inversion_steps,
                                                                  renoise_iters=renoise_iters,
-                                                                 eta=cfg.inversion_eta, return_x0=True)
+                                                                 eta=cfg.inversion_eta, return_x0=True,
+                                                                 at_grid_point=cfg.inverted_timestep == "grid")
     if cfg.pair_noise == "winner":
         xt, target = share_winner_noise(gen, xt, t, x0)
     return xt, t, cond, target, inverted
