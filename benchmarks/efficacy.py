@@ -365,11 +365,19 @@ def grid_dir_name(args) -> str:
     return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
 
 
+#: how a section of rows that reuse another world's validation choices (``--points-from``) begins
+BORROWED = "main (grid points chosen on the "
+
+
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """New rows replace old rows of the same (world, section, method); every other old row is kept."""
+    """New rows replace old rows of the same (world, section, method); a new main row (the world's own grid) also
+    retires that method's row in the world's borrowed-choice section, so a method never shows twice in one world;
+    every other old row is kept."""
     key = lambda r: (r["world"], r.get("section", "main"), r["method"])  # noqa: E731
     fresh = {key(r): r for r in new}
-    merged = [fresh.pop(key(r), r) for r in old]
+    own = {(r["world"], r["method"]) for r in new if r.get("section", "main") == "main"}
+    kept = [r for r in old if not (r.get("section", "main").startswith(BORROWED) and (r["world"], r["method"]) in own)]
+    merged = [fresh.pop(key(r), r) for r in kept]
     return merged + list(fresh.values())
 
 
@@ -392,7 +400,7 @@ def main(argv=None) -> int:
         budget = budget_of(args)
         section = "main" if args.scale_groups is None else f"data scale ({args.scale_groups} groups per prompt)"
         if args.points_from is not None and args.scale_groups is None:
-            section = f"main (grid points chosen on the {args.points_from} world's validation split)"
+            section = f"{BORROWED}{args.points_from} world's validation split)"
         grid_dir = Path(args.out).parent / Path(args.out).stem
         for world in args.worlds:
             methods = [m for m in WORLD_METHODS[world] if m in args.methods]

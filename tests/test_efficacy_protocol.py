@@ -207,3 +207,21 @@ def test_online_rows_train_and_monitor_on_the_worlds_own_training_prompts(world,
         assert f"method.reward={WORLDS[world].reward}" in sets
         recipe = load_recipe(f"configs/{METHODS[name].recipe}", sets)
         assert recipe.method.monitor.prompts == train and recipe.model.path == WORLDS[world].bases["flow"]
+
+
+def test_a_worlds_own_grid_row_retires_its_borrowed_choice_row():
+    from benchmarks.efficacy import BORROWED, merge_rows
+
+    borrowed = BORROWED + "shapes world's validation split)"
+    old = [{"world": "compose", "section": "main", "method": "dpo", "v": 1},
+           {"world": "compose", "section": borrowed, "method": "rankdpo", "v": 1},
+           {"world": "compose", "section": borrowed, "method": "smpo", "v": 1},
+           {"world": "shapes", "section": "data scale (64 groups per prompt)", "method": "rankdpo", "v": 1}]
+    new = [{"world": "compose", "section": "main", "method": "rankdpo", "v": 2}]
+    merged = merge_rows(old, new)
+    assert [(r["section"], r["method"], r["v"]) for r in merged if r["world"] == "compose"] == [
+        ("main", "dpo", 1), (borrowed, "smpo", 1), ("main", "rankdpo", 2)]
+    assert any(r["world"] == "shapes" and r["method"] == "rankdpo" for r in merged)  # other sections untouched
+    # a borrowed row replaces its own earlier borrowed row, and leaves the world's main rows alone
+    again = merge_rows(merged, [{"world": "compose", "section": borrowed, "method": "smpo", "v": 3}])
+    assert [r["v"] for r in again if r["method"] == "smpo"] == [3] and len(again) == len(merged)
