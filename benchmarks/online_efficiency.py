@@ -65,16 +65,17 @@ def train_curve(world: str, method: str, budget: Budget, point: dict, run_dir: P
     run_recipe(ROOT / "configs" / spec.recipe, sets)
     records = [json.loads(line) for line in (run_dir / MONITOR_LOG).read_text().splitlines()]
     curve = [{"step": r["call"], "reward": r["train_reward"], **r["spent"]} for r in records if "train_reward" in r]
-    curve.append(final_point(world, method, run_dir, curve, budget.steps))
+    curve.append(final_point(world, method, run_dir, curve))
     out = {"point": point, "curve": curve}
     write_json(run_dir / "curve.json", out)
     return out
 
 
-def final_point(world: str, method: str, run_dir: Path, curve: list[dict], steps: int) -> dict:
+def final_point(world: str, method: str, run_dir: Path, curve: list[dict]) -> dict:
     """The final weights (the saved LoRA) on the monitor's noise: the monitor evaluates before each step, never
     after the last. Its budget extrapolates the curve's rates (reward calls and training seconds per step, the
-    monitor's own time excluded), so a run resumed at its end needs no summary of the training it did not redo."""
+    monitor's own time excluded) to the run's own step count — a grid point may take fewer, larger steps than the
+    budget's — so a run resumed at its end needs no summary of the training it did not redo."""
     from diffalign.generators.registry import load_generator
     from rewards import load_reward
     from trainers.loop import AdapterOffReference
@@ -82,6 +83,7 @@ def final_point(world: str, method: str, run_dir: Path, curve: list[dict], steps
     from trainers.recipe import load_recipe
 
     recipe = load_recipe(run_dir / "recipe.yaml")
+    steps = recipe.train.max_train_steps
     gen = load_generator(recipe.model.path, lora=run_dir / "lora")
     monitor = OnlineMonitor(recipe.method.monitor, load_reward(WORLDS[world].reward), {}, None, recipe.seed)
     reward = monitor.evaluate(gen, AdapterOffReference(gen))["train_reward"]
@@ -114,6 +116,9 @@ def report(world: str, curves: dict[str, dict], budget: Budget, every: int, seed
              "| method | grid point | final validation reward | reached the target at step | reward calls to reach it "
              "| training s to reach it | reward calls, whole run | training s, whole run |",
              "|---|---|---|---|---|---|---|---|"]
+    if target <= base:  # every evaluation after the first update sits at or below the base: nothing to reach
+        lines[2] += (" Flow-GRPO's curve never rose above the base's reward, so there is no target to reach and no "
+                     "ratio to report.")
     reached = {}
     for name, c in curves.items():
         curve, hit = c["curve"], first_reaching(c["curve"], target)
@@ -127,7 +132,7 @@ def report(world: str, curves: dict[str, dict], budget: Budget, every: int, seed
     lines.append("")
     grpo = reached.get(TARGET_METHOD)
     for name, hit in reached.items():
-        if name == TARGET_METHOD:
+        if name == TARGET_METHOD or target <= base:
             continue
         if hit is None:
             lines.append(f"- {METHODS[name].label} did not reach Flow-GRPO's best reward within the same steps.")

@@ -48,3 +48,11 @@ def test_a_world_without_its_efficacy_rows_says_which_command_to_run_first(tmp_p
     with pytest.raises(FileNotFoundError, match="python benchmarks/efficacy.py --worlds compose --methods flow_grpo"):
         main(["--world", "compose", "--efficacy-dir", str(tmp_path), "--workdir", str(tmp_path / "w"),
               "--out", str(tmp_path / "out.md")])
+
+
+def test_no_ratio_when_grpos_curve_never_rises_above_the_base():
+    grpo = {"point": {}, "curve": curve([0.55, 0.54, 0.54, 0.53])}
+    nft = {"point": {}, "curve": curve([0.55, 0.56, 0.60, 0.63])}
+    text = "\n".join(report("compose", {"flow_grpo": grpo, "diffusion_nft": nft}, Budget(steps=30), 10, 4, "cmd"))
+    assert "never rose above the base's reward" in text
+    assert "fewer reward calls" not in text and "starts at or above" not in text
