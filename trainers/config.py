@@ -206,7 +206,7 @@ class InversionSettings:
     #: inversion, Diffusion-DPO's fresh forward noise shared by the pair (the papers' ablation baseline, which
     #: isolates what the inversion itself contributes)
     inversion: Literal["ddim", "sampler_path", "forward"] = "ddim"
-    #: which timestep an inverted x̃ is trained at. "sampled" (the papers' official code): x̃ from the last grid
+    #: which timestep a DDIM-inverted x̃ is trained at. "sampled" (the papers' official code): x̃ from the last grid
     #: point ≤ t is used at the sampled t itself, with ε̃ reparametrised at t (still exact: add_noise(x0, ε̃, t) = x̃),
     #: so t stays continuous while x̃ is a little less noisy than t says; "grid": the grid point x̃ was inverted to,
     #: so the model is told x̃'s own noise level but t takes only ``inversion_steps`` values — tried here first, it
