@@ -116,7 +116,8 @@ def report(world: str, curves: dict[str, dict], budget: Budget, every: int, seed
              "| method | grid point | final validation reward | reached the target at step | reward calls to reach it "
              "| training s to reach it | reward calls, whole run | training s, whole run |",
              "|---|---|---|---|---|---|---|---|"]
-    if target <= base:  # every evaluation after the first update sits at or below the base: nothing to reach
+    no_target = target <= base  # every evaluation after the first update sits at or below the base
+    if no_target:
         lines[2] += (" Flow-GRPO's curve never rose above the base's reward, so there is no target to reach and no "
                      "ratio to report.")
     reached = {}
@@ -132,7 +133,7 @@ def report(world: str, curves: dict[str, dict], budget: Budget, every: int, seed
     lines.append("")
     grpo = reached.get(TARGET_METHOD)
     for name, hit in reached.items():
-        if name == TARGET_METHOD or target <= base:
+        if name == TARGET_METHOD or no_target:
             continue
         if hit is None:
             lines.append(f"- {METHODS[name].label} did not reach Flow-GRPO's best reward within the same steps.")
