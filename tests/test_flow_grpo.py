@@ -31,6 +31,18 @@ def test_group_advantages_by_hand_and_a_constant_group_gives_zero():
         group_advantages(torch.ones(6), 4)
 
 
+def test_batch_std_keeps_a_noise_only_group_small_where_the_group_std_scales_it_to_one():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.501])  # prompt 1 really differs; prompt 2 differs by noise only
+    by_group = group_advantages(rewards, 2, eps=0.0)
+    assert by_group.tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0], rel=1e-3)  # float32 of 0.501 − 0.5
+    by_batch = group_advantages(rewards, 2, eps=0.0, std_over="batch")
+    std = rewards.std(unbiased=False).item()  # over all four samples, ddof 0
+    assert by_batch.tolist() == pytest.approx([-0.5 / std, 0.5 / std, -0.0005 / std, 0.0005 / std], rel=1e-3)
+    assert group_advantages(torch.full((4,), 0.2), 2, eps=0.0, std_over="batch").tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="std_over"):
+        group_advantages(rewards, 2, std_over="prompt")
+
+
 def test_clipped_objective_by_hand_clipping_active_and_inactive():
     # rows: ratio 1.5 with A = +1 (clip active: −1.2), ratio 1.5 with A = −1 (pessimistic side unclipped: 1.5),
     # ratio 1.1 with A = 2 (inside the clip range: −2.2)

@@ -348,6 +348,10 @@ class FlowGRPOConfig(RewardSource, OnlineMonitoring, MethodConfig):
     #: advantage guard (std + eps) and bound |A| ≤ adv_clip (Flow-GRPO: 5)
     adv_eps: float = 1.0e-4
     adv_clip: float = 5.0
+    #: the std advantages are divided by: "group" (the G samples of the prompt, the paper's Eq. 4) or "batch"
+    #: (every sample of the round, still centred per prompt: the official code's global_std, set in its GenEval,
+    #: PickScore and OCR configs)
+    adv_std: Literal["group", "batch"] = "group"
     #: weight of the closed-form KL to the reference (adapter-off) step Gaussians; 0 = off (Flow-GRPO: 0.04)
     kl_beta: float = 0.0
     #: loss calls on each sampled round before the next is drawn

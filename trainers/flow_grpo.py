@@ -94,7 +94,8 @@ class FlowGRPO(OnlineMethod):
             raise ValueError("flow_grpo: the rollout took no stochastic step (check eta, sample_steps, sde_steps)")
         rewards = self.score(out.media, flat).to(device)
         self.samples_drawn += n
-        adv = group_advantages(rewards, cfg.samples_per_prompt, eps=cfg.adv_eps, clip=cfg.adv_clip)
+        adv = group_advantages(rewards, cfg.samples_per_prompt, eps=cfg.adv_eps, clip=cfg.adv_clip,
+                               std_over=cfg.adv_std)
         cond, uncond = gen.sampling_conditions(flat, cfg.guidance)  # what the loss calls re-evaluate steps with
         self.round = {"traj": out.trajectory, "ts": ts, "cond": cond, "uncond": uncond, "steps": steps,
                       "logp_old": out.log_probs[:, steps].float(), "rewards": rewards, "advantages": adv}

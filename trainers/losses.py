@@ -216,19 +216,26 @@ def rwr_loss(model_err: torch.Tensor, rewards: torch.Tensor, temperature: float 
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
-                     clip: float | None = None) -> torch.Tensor:
+                     clip: float | None = None, std_over: str = "group") -> torch.Tensor:
     """GRPO's group-relative advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025, Eq. 4): rows are G = ``group_size``
-    consecutive samples of one prompt, A_i = (r_i − mean_G r) / (std_G r + eps) with the population std (ddof 0: the
-    group is normalised as a whole; docs/online_rl.md, "Advantages"). A constant-reward group gives exactly 0 (no
-    NaN); ``clip`` bounds |A| (5 by default).
+    consecutive samples of one prompt, A_i = (r_i − mean_G r) / (std r + eps) with the population std (ddof 0: the
+    group is normalised as a whole; docs/online_rl.md, "Advantages"). ``std_over`` "group" takes the std over the
+    prompt's G samples (the paper's equation); "batch" over every sample of the call, still centred per group (the
+    official code's ``global_std``), so a prompt whose samples barely differ keeps small advantages instead of
+    having its noise scaled up to ±1. A zero std gives exactly 0 (no NaN); ``clip`` bounds |A| (5 by default).
     Returns [N] in float32 or wider."""
     if group_size < 2:
         raise ValueError(f"group_advantages: group_size must be >= 2, got {group_size}")
     if rewards.dim() != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"group_advantages: {tuple(rewards.shape)} rewards do not split into groups of {group_size}")
+    if std_over not in ("group", "batch"):
+        raise ValueError(f"group_advantages: std_over must be 'group' or 'batch', got {std_over!r}")
     r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).detach().view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, unbiased=False, keepdim=True)
+    if std_over == "group":
+        std = r.std(dim=1, unbiased=False, keepdim=True)
+    else:
+        std = r.std(unbiased=False).expand_as(centred)
     adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # also with eps = 0
     if clip is not None:
         adv = adv.clamp(-clip, clip)
