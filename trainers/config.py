@@ -327,6 +327,9 @@ class PRDPConfig(RewardSource, OnlineMonitoring, MethodConfig):
     guidance: float = 3.0
     #: fraction of the stochastic steps whose log-ratios get a gradient per update (the sum is rescaled)
     timestep_fraction: float = 1.0
+    #: mixed sampling: indices of the only steps drawn with noise η (the rest are deterministic DDIM/ODE steps with
+    #: no density), so r̂ sums those steps alone; empty: every step that has noise (the paper)
+    sde_steps: list[int] = field(default_factory=list)
 
 
 @MethodConfig.register("flow_grpo")

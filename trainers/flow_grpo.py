@@ -28,7 +28,7 @@ import torch
 from diffalign.generators.base import Generator, StepOutput, per_row
 from trainers.config import FlowGRPOConfig
 from trainers.losses import flow_grpo_loss, group_advantages
-from trainers.online import OnlineMethod
+from trainers.online import OnlineMethod, chosen_sde_steps
 
 
 class FlowGRPO(OnlineMethod):
@@ -62,11 +62,7 @@ class FlowGRPO(OnlineMethod):
     def stochastic_steps(self, n_steps: int, rng: torch.Generator) -> list[int]:
         """The grid indices this round samples with the SDE (all but the last, deterministic one by default)."""
         cfg = self.cfg
-        bad = [i for i in cfg.sde_steps if i >= n_steps - 1]
-        if bad:
-            raise ValueError(f"flow_grpo: sde_steps {bad} out of range: with sample_steps={n_steps} the SDE steps "
-                             f"are 0 … {n_steps - 2} (the last step ends at σ = 0 and has no noise)")
-        pool = sorted(set(cfg.sde_steps)) or list(range(n_steps - 1))
+        pool = chosen_sde_steps("flow_grpo", cfg.sde_steps, n_steps)
         if cfg.sde_random:
             if cfg.sde_random > len(pool):
                 raise ValueError(f"flow_grpo: sde_random={cfg.sde_random} but only {len(pool)} candidate steps")

@@ -33,6 +33,17 @@ def require_flow(gen: Generator, method: str) -> None:
                          f"{gen.prediction_type} prediction); docs/families.md lists the methods each family runs")
 
 
+def chosen_sde_steps(method: str, sde_steps: Sequence[int], n_steps: int) -> list[int]:
+    """The steps a mixed ODE/SDE rollout (MixGRPO, arXiv 2507.21802) samples stochastically: ``sde_steps`` sorted,
+    or every step that has noise when it is empty. The sampler's last step ends at the clean sample (σ = 0, ᾱ = 1)
+    and has no noise, so naming it is an error, as is anything outside the grid."""
+    bad = [i for i in sde_steps if not isinstance(i, int) or not 0 <= i < n_steps - 1]
+    if bad:
+        raise ValueError(f"{method}: sde_steps {bad} out of range: with {n_steps} sampler steps the SDE steps are "
+                         f"0 … {n_steps - 2} (the last step ends at σ = 0 and has no noise)")
+    return sorted(set(sde_steps)) or list(range(n_steps - 1))
+
+
 def is_main_process() -> bool:
     """Whether this is the main process (rank 0) of the run. Once an Accelerator exists accelerate's state answers;
     before, the launcher's ``RANK`` does (accelerate launch / torchrun set it; a plain run is rank 0). Asking

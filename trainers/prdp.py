@@ -17,6 +17,10 @@ Choices where the paper (no code released) is silent:
   left out of r̂, which is the same as counting them with log-ratio 0.
 * Guidance-distilled transformers (FLUX.1-dev) take the scale as an input: their one conditional forward is
   re-evaluated the same way, through ``guided_prediction``.
+* ``sde_steps`` (MixGRPO's mixed sampling, not in the paper) draws only the named steps with noise; the others are
+  deterministic, without density or gradient, and r̂ sums the named steps alone. Why: the last steps' variance is
+  tiny, so a small change of the mean there is a huge log-density change, and they swamp r̂ (measured on the
+  shapes UNet in docs/online_rl.md, "PRDP's log-ratio by step") while the content the reward judges is decided early.
 * No extra KL term to the pretrained model (the paper's optional regulariser).
 * After a resume the first call samples a fresh round (the stored round is not checkpointed).
 """
@@ -30,7 +34,7 @@ import torch
 from diffalign.generators.base import Conditioning, Generator
 from trainers.config import PRDPConfig
 from trainers.losses import prdp_loss
-from trainers.online import OnlineMethod
+from trainers.online import OnlineMethod, chosen_sde_steps
 
 
 class SamplerSchedule:
@@ -68,6 +72,8 @@ class PRDP(OnlineMethod):
             raise ValueError(f"prdp: timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         if cfg.inner_steps < 1 or cfg.beta <= 0 or cfg.clip <= 0:
             raise ValueError("prdp: inner_steps >= 1, beta > 0 and clip > 0 are required")
+        if any(not isinstance(i, int) or i < 0 for i in cfg.sde_steps):
+            raise ValueError(f"prdp: sde_steps must be step indices >= 0, got {cfg.sde_steps}")
         self.cfg = cfg
         self._init_online(reward, monitor)
 
@@ -83,7 +89,12 @@ class PRDP(OnlineMethod):
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=rng))
         g = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn(gen.latent_shape(n), generator=torch.Generator().manual_seed(seed)).to(device, gen.dtype)
-        out = gen.sample(flat, cfg.sample_steps, cfg.guidance, generator=g, noise=noise, eta=cfg.eta,
+        eta: float | list[float] = cfg.eta  # the paper: every step that has noise
+        if cfg.sde_steps:
+            n_steps = len(gen.sampler_timesteps(cfg.sample_steps)) - 1
+            sde = set(chosen_sde_steps("prdp", cfg.sde_steps, n_steps))
+            eta = [cfg.eta if i in sde else 0.0 for i in range(n_steps)]
+        out = gen.sample(flat, cfg.sample_steps, cfg.guidance, generator=g, noise=noise, eta=eta,
                          return_trajectory=True)
         rewards = self.score(out.media, flat).to(device)
         self.samples_drawn += n
