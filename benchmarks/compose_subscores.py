@@ -44,8 +44,7 @@ def summarise(oracle, images: torch.Tensor, prompts: list[str]) -> dict[str, flo
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    from benchmarks.efficacy_protocol import HELDOUT_SEED0, WORLDS
-    from diffalign.eval import seeded_noise
+    from benchmarks.efficacy_protocol import HELDOUT_SEED0, WORLDS, Budget, Split, sample_split
     from diffalign.generators.registry import load_generator
     from diffalign.sampling import read_prompts
     from rewards import load_reward
@@ -53,16 +52,16 @@ def main(argv=None) -> int:
     for run in args.runs:
         if not (run / "lora").is_dir():
             raise SystemExit(f"{run / 'lora'} not found: a run folder with a trained adapter is expected")
-    prompts = read_prompts(WORLDS["compose"].heldout_prompts)
-    seeds = list(range(HELDOUT_SEED0, HELDOUT_SEED0 + args.seeds))
-    flat = [p for p in prompts for _ in seeds]
+    split = Split("held-out", read_prompts(WORLDS["compose"].heldout_prompts),
+                  list(range(HELDOUT_SEED0, HELDOUT_SEED0 + args.seeds)))
+    budget = Budget(eval_steps=args.steps, guidance=args.guidance)
+    flat = [p for p in split.prompts for _ in split.seeds]
     oracle = load_reward("compose-oracle")
 
     def images_of(gen) -> torch.Tensor:
-        noise = seeded_noise(gen, seeds).repeat(len(prompts), *[1] * (len(gen.latent_shape(1)) - 1))
+        """The protocol's own held-out samples (same noise per seed for every model), prompt-major."""
         with torch.no_grad():
-            return torch.cat([gen.sample(flat[i:i + 64], args.steps, args.guidance, noise=noise[i:i + 64]).media
-                              for i in range(0, len(flat), 64)])
+            return sample_split(gen, split, budget).flatten(0, 1)
 
     columns = {"base": summarise(oracle, images_of(load_generator(args.base)), flat)}
     for run in args.runs:

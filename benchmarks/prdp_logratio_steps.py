@@ -48,24 +48,25 @@ def base_of(run: Path) -> str:
 def step_log_ratios(gen, prompts: list[str], steps: int, eta: float, guidance: float, seed: int) -> list[dict]:
     """Per stochastic step of fresh policy trajectories: t, the step's std and the log-ratios [N] against the
     adapter-off base, evaluated on the same stored transitions."""
+    from trainers.prdp import SamplerSchedule
+
     noise = torch.randn(gen.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
     out = gen.sample(prompts, steps, guidance, generator=torch.Generator().manual_seed(seed), noise=noise, eta=eta,
                      return_trajectory=True)
-    ts = gen.sampler_timesteps(steps)
+    sched = SamplerSchedule(gen, steps, eta)  # PRDP's own density of a stored transition
     cond, uncond = gen.sampling_conditions(prompts, guidance)
     rows = []
     for i in out.stochastic.nonzero().flatten().tolist():
         x, prev = out.trajectory[:, i], out.trajectory[:, i + 1]
-        t = ts[i].repeat(len(prompts))
 
         def density(predict):
-            pred = gen.guided_prediction(x, t, cond, uncond, guidance, predict)
-            return gen.sampler_step(x, pred, ts[i], ts[i + 1], eta=eta, prev_sample=prev)
+            pred = sched.prediction(predict, x, i, cond, uncond, guidance)
+            return gen.sampler_step(x, pred, sched.t[i], sched.t[i + 1], eta=eta, prev_sample=prev)
 
         policy = density(gen.predict)
         with gen.adapters_disabled():
             ref = density(gen.predict)
-        rows.append({"step": i, "t": float(ts[i]), "t_next": float(ts[i + 1]),
+        rows.append({"step": i, "t": float(sched.t[i]), "t_next": float(sched.t[i + 1]),
                      "std": float(policy.std.float().mean()),
                      "log_ratio": (policy.log_prob - ref.log_prob).float()})
     return rows

@@ -9,7 +9,7 @@ import torch
 
 from diffalign.generators.registry import load_generator
 from test_trainers_smoke import lora_b_norm
-from tiny_online import PROMPTS, MeanBrightness, lora_gen
+from tiny_online import PROMPTS, MeanBrightness, lora_gen, spy_etas
 from trainers.config import FlowGRPOConfig, TrainConfig
 from trainers.flow_grpo import FlowGRPO
 from trainers.loop import Trainer
@@ -121,14 +121,7 @@ def test_mixed_mode_uses_the_sde_only_at_the_chosen_steps(flow_folder, monkeypat
     cfg = FlowGRPOConfig(name="flow_grpo", samples_per_prompt=2, sample_steps=4, guidance=1.0, eta=0.7,
                          sde_steps=[1])
     method = FlowGRPO(cfg, reward=MeanBrightness())
-    etas = []
-    real = type(gen).sampler_step
-
-    def spy(self, *args, **kwargs):
-        etas.append(kwargs.get("eta"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(gen), "sampler_step", spy)
+    etas = spy_etas(gen, monkeypatch)
     method.sample_round(gen, PROMPTS, torch.Generator().manual_seed(0))
     assert etas == [0.0, 0.7, 0.0, 0.0]
     assert method.round["steps"] == [1] and method.round["logp_old"].shape == (4, 1)

@@ -6,7 +6,7 @@ import torch
 
 from diffalign.generators.lora import add_lora
 from diffalign.generators.registry import load_generator
-from tiny_online import PROMPTS, MeanBrightness
+from tiny_online import PROMPTS, MeanBrightness, spy_etas
 from trainers.config import PRDPConfig
 from trainers.loop import AdapterOffReference
 from trainers.prdp import PRDP
@@ -17,18 +17,6 @@ def unet_with_lora():
     torch.manual_seed(0)
     add_lora(gen, 2)
     return gen
-
-
-def spy_etas(gen, monkeypatch) -> list:
-    etas = []
-    real = type(gen).sampler_step
-
-    def spy(self, *args, **kwargs):
-        etas.append(kwargs.get("eta"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(gen), "sampler_step", spy)
-    return etas
 
 
 def prdp(**kw) -> PRDP:
