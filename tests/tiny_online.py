@@ -1,5 +1,6 @@
 """Shared pieces of the online-method tests (PRDP, Flow-GRPO, DiffusionNFT, the monitor): a LoRA'd generator, a
-weightless reward and a spy on the η of each sampler step. (Their tiny toy flow base is the ``flow_folder`` fixture in conftest.py.)"""
+weightless reward and a spy on the η of each sampler step. (Their tiny toy flow base is the ``flow_folder`` fixture
+in conftest.py.)"""
 
 from __future__ import annotations
 
