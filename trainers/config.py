@@ -258,6 +258,7 @@ class SelfNPOConfig(MethodConfig):
     ddim_steps: int = 25
     #: teacher DDIM steps per sample (≤ 5 in the paper)
     solver_steps: int = 5
+    #: the EMA teacher's decay per optimizer step (the paper's, for its 1,000 steps; see trainers/self_npo.py)
     ema_decay: float = 0.999
     #: pseudo-Huber constant c
     huber_c: float = 0.001

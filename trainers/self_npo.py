@@ -11,6 +11,9 @@ Choices where the paper is silent or the loop differs from its script:
 * The teacher is a frozen copy of the denoiser made at the first step (the base on a fresh run) and EMA-updated
   whenever the optimizer has changed the student — detected by the parameters' version counters, because the
   shared loop has no post-step hook. After a resume the teacher restarts from the resumed student.
+* ``ema_decay`` sets how far the teacher follows the student within the run: the paper's 0.999 over its 1,000
+  steps leaves the starting weights a share of 0.999^1000 ≈ 0.37. A shorter run keeps that horizon with
+  decay ≈ 0.37^(1/steps) (0.995 for 200 steps); 0.999 over 200 steps leaves 0.82, a teacher close to the base.
 * Every family with an unconditional branch: the grid is the sampler's own ``sampler_timesteps(ddim_steps)``
   (the paper's DDIM grid for DDPM families, the shifted σ grid for flows), the teacher walks it with the seam's
   deterministic ``sampler_step``, and the re-noising uses the seam's noise schedule — so it is written once.
