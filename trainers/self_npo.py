@@ -14,6 +14,8 @@ Choices where the paper is silent or the loop differs from its script:
 * ``ema_decay`` sets how far the teacher follows the student within the run: the paper's 0.999 over its 1,000
   steps leaves the starting weights a share of 0.999^1000 ≈ 0.37. A shorter run keeps that horizon with
   decay ≈ 0.37^(1/steps) (0.995 for 200 steps); 0.999 over 200 steps leaves 0.82, a teacher close to the base.
+  In the toy worlds a teacher closer still to the student (0.98–0.95 over 200 steps) gave the best negative model
+  (finding 14 of benchmarks/results/efficacy_findings.md).
 * Every family with an unconditional branch: the grid is the sampler's own ``sampler_timesteps(ddim_steps)``
   (the paper's DDIM grid for DDPM families, the shifted σ grid for flows), the teacher walks it with the seam's
   deterministic ``sampler_step``, and the re-noising uses the seam's noise schedule — so it is written once.
