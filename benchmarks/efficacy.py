@@ -13,6 +13,12 @@ wall time, with a labelled grid per row (``benchmarks/results/efficacy/<world>-<
     python benchmarks/efficacy.py --worlds shapes --methods proxy-unet proxy-flow   # guidance by a learned proxy
     python benchmarks/efficacy.py --table-only                         # rewrite the table from rows.json
 
+A measurement outside the table (one setting beyond a recipe's grid, e.g. a larger online budget) runs one point
+in place of each method's grid, in its own section and, best, its own work folder and table:
+
+    python benchmarks/efficacy.py --worlds compose --methods flow_grpo --workdir runs/efficacy_budget \
+        --out runs/efficacy_budget/table.md --point '{"train.max_train_steps": 100, ...}'
+
 Inference-time guidance rows (``nrg-*`` guided by the oracle, ``proxy-*`` by a learned proxy, both judged by the
 oracle) are tabled apart from the trained rows, with the reward each climbed and the reward that judged it.
 
@@ -23,6 +29,7 @@ and its validation score are cached under ``--workdir`` by world, family and bud
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -64,7 +71,27 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--notes", default=None, help="a markdown file of findings appended to the table")
     p.add_argument("--table-only", action="store_true", help="write the table from rows.json and run nothing")
-    return p.parse_args(argv)
+    p.add_argument("--point", type=point_arg, default=None, metavar="JSON",
+                   help="train this one point (a JSON object of recipe keys, as in a recipe's grid) in place of each "
+                        "method's grid, in a section of its own; for measurements outside the table")
+    args = p.parse_args(argv)
+    if args.point is not None:
+        clash = [flag for flag, value in (("--points-from", args.points_from), ("--scale-groups", args.scale_groups),
+                                          ("--table-only", args.table_only)) if value]
+        if clash:
+            p.error(f"--point trains its own point; it cannot be combined with {', '.join(clash)}")
+    return args
+
+
+def point_arg(text: str) -> dict:
+    """``--point``: a non-empty JSON object whose keys are dotted recipe keys (checked when the recipe loads)."""
+    try:
+        point = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(point, dict) or not point:
+        raise argparse.ArgumentTypeError(f"must be a non-empty JSON object of recipe keys, got {text!r}")
+    return point
 
 
 def budget_of(args, main: bool = False) -> Budget:
@@ -90,6 +117,8 @@ def chosen_points(world: str, methods: list[str], workdir: Path, budget: Budget)
 def grid_suffix(section: str, budget: Budget) -> str:
     if section == "main":
         return ""
+    if section.startswith(GIVEN):
+        return "-given-point"
     return f"-scale-g{budget.groups}" if section.startswith("data scale") else "-chosen-elsewhere"
 
 
@@ -367,6 +396,8 @@ def grid_dir_name(args) -> str:
 
 #: how a section of rows that reuse another world's validation choices (``--points-from``) begins
 BORROWED = "main (grid points chosen on the "
+#: how a section of rows trained at one point given with ``--point`` begins
+GIVEN = "one point given with --point: "
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -401,6 +432,8 @@ def main(argv=None) -> int:
         section = "main" if args.scale_groups is None else f"data scale ({args.scale_groups} groups per prompt)"
         if args.points_from is not None and args.scale_groups is None:
             section = f"{BORROWED}{args.points_from} world's validation split)"
+        if args.point is not None:
+            section = GIVEN + _point(args.point)
         grid_dir = Path(args.out).parent / Path(args.out).stem
         for world in args.worlds:
             methods = [m for m in WORLD_METHODS[world] if m in args.methods]
@@ -408,6 +441,8 @@ def main(argv=None) -> int:
                 continue
             source = args.points_from or (world if args.scale_groups is not None else None)
             chosen = {} if source is None else chosen_points(source, methods, workdir, budget_of(args, main=True))
+            if args.point is not None:
+                chosen = {name: args.point for name in methods}
             new = run_world(world, methods, budget, workdir, grid_dir, section, chosen)
             # re-read first: another process may have finished rows of other methods meanwhile
             rows = merge_rows(read_json(rows_path) or [], new)

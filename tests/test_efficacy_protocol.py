@@ -225,3 +225,20 @@ def test_a_worlds_own_grid_row_retires_its_borrowed_choice_row():
     # a borrowed row replaces its own earlier borrowed row, and leaves the world's main rows alone
     again = merge_rows(merged, [{"world": "compose", "section": borrowed, "method": "smpo", "v": 3}])
     assert [r["v"] for r in again if r["method"] == "smpo"] == [3] and len(again) == len(merged)
+
+
+def test_a_given_point_must_be_a_json_object_and_the_only_source_of_points(capsys):
+    from benchmarks.efficacy import GIVEN, grid_suffix, parse_args
+
+    args = parse_args(["--point", '{"train.max_train_steps": 100, "method.sde_steps": [0, 1, 2]}'])
+    assert args.point == {"train.max_train_steps": 100, "method.sde_steps": [0, 1, 2]}
+    for bad, says in [("{x", "not JSON"), ("[1]", "non-empty JSON object"), ("{}", "non-empty JSON object")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--point", bad])
+        assert "--point" in (err := capsys.readouterr().err) and says in err
+    for other in (["--points-from", "shapes"], ["--scale-groups", "64"], ["--table-only"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--point", '{"train.learning_rate": 0.001}', *other])
+        assert other[0] in capsys.readouterr().err
+    # its labelled grid never overwrites the main row's
+    assert grid_suffix(GIVEN + "max_train_steps=100", None) == "-given-point"
