@@ -28,7 +28,7 @@ import torch
 from diffalign.generators.base import Generator, StepOutput, per_row
 from trainers.config import FlowGRPOConfig
 from trainers.losses import flow_grpo_loss, group_advantages
-from trainers.online import OnlineMethod, chosen_sde_steps
+from trainers.online import OnlineMethod, check_sde_steps, chosen_sde_steps
 
 
 class FlowGRPO(OnlineMethod):
@@ -46,9 +46,9 @@ class FlowGRPO(OnlineMethod):
         if cfg.inner_steps < 1 or cfg.clip_range <= 0 or cfg.kl_beta < 0 or cfg.sample_steps < 2:
             raise ValueError("flow_grpo: inner_steps >= 1, clip_range > 0, kl_beta >= 0 and sample_steps >= 2 "
                              "are required")
-        if cfg.sde_random < 0 or any(not isinstance(i, int) or i < 0 for i in cfg.sde_steps):
-            raise ValueError(f"flow_grpo: sde_steps must be step indices >= 0 and sde_random >= 0, got "
-                             f"{cfg.sde_steps} / {cfg.sde_random}")
+        check_sde_steps("flow_grpo", cfg.sde_steps)
+        if cfg.sde_random < 0:
+            raise ValueError(f"flow_grpo: sde_random must be >= 0, got {cfg.sde_random}")
         self.cfg = cfg
         self._init_online(reward, monitor)
 

@@ -33,6 +33,13 @@ def require_flow(gen: Generator, method: str) -> None:
                          f"{gen.prediction_type} prediction); docs/families.md lists the methods each family runs")
 
 
+def check_sde_steps(method: str, sde_steps: Sequence[int]) -> None:
+    """Refuse, when the method is built, ``sde_steps`` that cannot be step indices (the grid's size is checked
+    when a round is sampled, by ``chosen_sde_steps``)."""
+    if any(not isinstance(i, int) or i < 0 for i in sde_steps):
+        raise ValueError(f"{method}: sde_steps must be step indices >= 0, got {list(sde_steps)}")
+
+
 def chosen_sde_steps(method: str, sde_steps: Sequence[int], n_steps: int) -> list[int]:
     """The steps a mixed ODE/SDE rollout (MixGRPO, arXiv 2507.21802) samples stochastically: ``sde_steps`` sorted,
     or every step that has noise when it is empty. The sampler's last step ends at the clean sample (σ = 0, ᾱ = 1)

@@ -34,7 +34,7 @@ import torch
 from diffalign.generators.base import Conditioning, Generator
 from trainers.config import PRDPConfig
 from trainers.losses import prdp_loss
-from trainers.online import OnlineMethod, chosen_sde_steps
+from trainers.online import OnlineMethod, check_sde_steps, chosen_sde_steps
 
 
 class SamplerSchedule:
@@ -72,8 +72,7 @@ class PRDP(OnlineMethod):
             raise ValueError(f"prdp: timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
         if cfg.inner_steps < 1 or cfg.beta <= 0 or cfg.clip <= 0:
             raise ValueError("prdp: inner_steps >= 1, beta > 0 and clip > 0 are required")
-        if any(not isinstance(i, int) or i < 0 for i in cfg.sde_steps):
-            raise ValueError(f"prdp: sde_steps must be step indices >= 0, got {cfg.sde_steps}")
+        check_sde_steps("prdp", cfg.sde_steps)
         self.cfg = cfg
         self._init_online(reward, monitor)
 
